@@ -1,0 +1,27 @@
+"""secateurs: prune trained PyTorch models and keep what they learned.
+
+    import secateurs as sc
+    plan = sc.prune(model, "taylor", 0.7, data=batches, loss_fn=F.cross_entropy)
+    sc.finetune(model, batches, epochs=2)      # pruned weights stay exactly zero
+    sc.finalize(model)                          # drop the masks, keep the zeros
+"""
+from .api import LayerPlan, Plan, prune
+from .criteria import CRITERIA, Calibration, Criterion
+from .errors import (FileProblem, IncompatibleLayer, InvalidArgument, MissingData, SecateursError,
+                     WeightsMismatch)
+from .io import load, load_state, save
+from .measure import Measurement, count_macs, count_parameters, latency_ms, measure
+from .recover import SparsityPenalty, evaluate_accuracy, finetune, threshold_prune
+from .schedule import AGP, agp_sparsity, iterative_prune
+from .select import select_targets
+from .sparsity import apply_masks, finalize, keep_sparse, masked_params, sparsity_of
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGP", "CRITERIA", "Calibration", "Criterion", "FileProblem", "IncompatibleLayer", "InvalidArgument",
+    "LayerPlan", "Measurement", "MissingData", "Plan", "SecateursError", "SparsityPenalty", "WeightsMismatch",
+    "agp_sparsity", "apply_masks", "count_macs", "count_parameters", "evaluate_accuracy", "finalize",
+    "finetune", "iterative_prune", "keep_sparse", "latency_ms", "load", "load_state", "masked_params",
+    "measure", "prune", "save", "select_targets", "sparsity_of", "threshold_prune",
+]

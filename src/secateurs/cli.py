@@ -1,0 +1,213 @@
+"""The command line, thin: parse, call the library, print a table. Errors: one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from .allocate import NORMALIZERS, SCOPES
+from .api import prune, resolve_sparsity
+from .criteria import CRITERIA, get_criterion
+from .errors import FileProblem, InvalidArgument, SecateursError
+from .io import build_model, check_output_dir, load_into, load_state, save, staged_output
+from .measure import Measurement, measure
+
+LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+ROWS = ("accuracy", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes", "latency_ms")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _ratio(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default=None, help=f"criterion: {', '.join(sorted(CRITERIA))}")
+    p.add_argument("--sparsity", type=_ratio, default=None, help="fraction of selected weights set to zero, in [0, 1)")
+    p.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 (keep N of every M inputs)")
+    p.add_argument("--scope", choices=SCOPES, default="global", help="compare scores per layer, globally, or per row")
+    p.add_argument("--normalize", choices=sorted(NORMALIZERS), default="none", help="per-layer score normalisation (global scope)")
+    p.add_argument("--max-ratio", type=_ratio, default=1.0, help="at most this fraction of any one layer is pruned")
+    p.add_argument("--min-ratio", type=_ratio, default=0.0, help="at least this fraction of every layer is pruned")
+    p.add_argument("--ignore", nargs="*", default=[], metavar="GLOB", help="module or parameter names to leave alone")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="secateurs", description="Prune trained PyTorch models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="train a CNN on digits, prune it, fine-tune, compare")
+    _add_selection(demo)
+    demo.add_argument("--out", default="runs/demo", help="directory for metrics.json and the pruned model")
+    demo.add_argument("--finetune-epochs", type=int, default=3)
+    demo.add_argument("--threads", type=int, default=1, help="CPU threads for latency measurement")
+
+    p = sub.add_parser("prune", help="prune your own model")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
+    p.add_argument("--weights", required=True, help=".safetensors, or a torch file of plain tensors")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file (only files you trust)")
+    _add_selection(p)
+    p.add_argument("--calib", default=None, help="calibration tensors: .safetensors or .pt with 'inputs' (and 'targets')")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy")
+    p.add_argument("--include", nargs="*", default=None, metavar="GLOB", help="prune only these modules")
+    p.add_argument("--types", nargs="*", default=None, help="layer types to prune, e.g. linear conv2d")
+    p.add_argument("--prune-last", action="store_true", help="also prune the final classifier layer")
+    p.add_argument("--skip-incompatible", action="store_true", help="with --pattern, skip layers whose width does not divide")
+    p.add_argument("--out", required=True, help="output directory (created; never an input)")
+    p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
+    p.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    get_criterion(args.method or "magnitude")
+    resolve_sparsity(args.sparsity, args.pattern)
+
+
+def _table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    for column in ("", "before", "after", "after / before"):
+        table.add_column(column, justify="right" if column else "left")
+    for key in ROWS:
+        b, a = before.get(key), after.get(key)
+        if b is None or a is None:
+            continue
+        fmt = (lambda v: f"{v:.2%}") if key == "accuracy" else (lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v:,}")
+        table.add_row(key, fmt(b), fmt(a), f"{a / b:.3f}" if b else "-")
+    return table
+
+
+def run_demo(args: argparse.Namespace, console: Console) -> int:
+    from .examples.digits import accuracy, dense_model, load_digits
+    from .recover.finetune import finetune
+
+    args.method = args.method or "taylor"
+    if args.sparsity is None and args.pattern is None:
+        args.sparsity = 0.7
+    _check_common(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileProblem(f"output path {out} exists and is not a directory")
+    torch.manual_seed(args.seed)
+    with console.status("training (or loading the cached) dense CNN on digits"):
+        data = load_digits()
+        model = dense_model(data)
+    example = data.test_x[:1]
+    evaluate = lambda m: accuracy(m, data)  # noqa: E731
+    before = measure(model, example, threads=args.threads, evaluate=evaluate)
+    with console.status(f"pruning with {args.method}"):
+        plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope,
+                     data=data.train_batches()[:8], loss_fn=F.cross_entropy, ignore=args.ignore,
+                     min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
+                     skip_incompatible=args.pattern is not None, seed=args.seed)
+    pruned_accuracy = evaluate(model)
+    with console.status(f"fine-tuning for {args.finetune_epochs} epochs"):
+        for epoch in range(args.finetune_epochs):
+            finetune(model, data.train_batches(seed=100 + epoch), epochs=1, lr=1e-3)
+    after = measure(model, example, threads=args.threads, evaluate=evaluate)
+    metrics = {"before": before.to_dict(), "after": after.to_dict(), "pruned_before_finetune": {"accuracy": pruned_accuracy},
+               "plan": plan.to_dict()}
+    with staged_output(out) as stage:
+        save(model, stage, plan)
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    console.print(_table(f"digits CNN, {args.method}, {plan.achieved:.0%} of prunable weights removed",
+                         metrics["before"], metrics["after"]))
+    console.print(f"accuracy right after pruning, before fine-tuning: {pruned_accuracy:.2%}")
+    console.print(f"wrote {out / 'metrics.json'} and the pruned model to {out}/")
+    return 0
+
+
+def _calibration(path: str | None, batch_size: int, trust_pickle: bool) -> list[Any] | None:
+    if path is None:
+        return None
+    tensors = load_state(path, trust_pickle=trust_pickle)
+    if "inputs" not in tensors:
+        raise FileProblem(f"calibration file {path} has no 'inputs' tensor (found: {', '.join(sorted(tensors)) or 'nothing'})")
+    if batch_size < 1:
+        raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
+    inputs = tensors["inputs"]
+    targets = tensors.get("targets", tensors.get("labels"))
+    if targets is not None and len(targets) != len(inputs):
+        raise FileProblem(f"calibration file {path}: {len(inputs)} inputs but {len(targets)} targets")
+    if targets is None:
+        return list(inputs.split(batch_size))
+    return list(zip(inputs.split(batch_size), targets.split(batch_size)))
+
+
+def run_prune(args: argparse.Namespace, console: Console) -> int:
+    args.method = args.method or "magnitude"
+    _check_common(args)
+    inputs = [args.weights] + ([args.calib] if args.calib else [])
+    check_output_dir(args.out, inputs, overwrite=args.overwrite)
+    model = build_model(args.model)
+    load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
+    model.eval()
+    data = _calibration(args.calib, args.batch_size, args.trust_pickle)
+    example = None
+    if data:
+        first = data[0][0] if isinstance(data[0], tuple) else data[0]
+        example = first[:1]
+    measured = (lambda m: measure(m, example, threads=args.threads).to_dict()) if example is not None else _static_costs
+    try:
+        before = measured(model)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"the model does not run on the calibration inputs: {str(exc).splitlines()[0]}") from None
+    with console.status(f"pruning with {args.method}"):
+        plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope, data=data,
+                     loss_fn=LOSSES[args.loss], max_batches=args.max_batches, types=args.types,
+                     include=args.include, ignore=args.ignore, prune_last=args.prune_last,
+                     min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
+                     skip_incompatible=args.skip_incompatible, seed=args.seed)
+    after = measured(model)
+    with staged_output(args.out) as stage:
+        save(model, stage, plan)
+        (stage / "metrics.json").write_text(json.dumps({"before": before, "after": after, "plan": plan.to_dict()}, indent=2))
+    console.print(_table(f"{args.model}, {plan.method}, {plan.achieved:.1%} of selected weights removed", before, after))
+    console.print(f"wrote the pruned model, plan.json and metrics.json to {args.out}/")
+    return 0
+
+
+def _static_costs(model: torch.nn.Module) -> dict[str, Any]:
+    """Costs that need no input: parameters, non-zeros and bytes."""
+    from .io import dense_bytes, sparse_bytes
+    from .measure import count_parameters
+
+    params, nonzeros = count_parameters(model)
+    return {"params": params, "nonzeros": nonzeros, "size_bytes": sparse_bytes(model), "dense_size_bytes": dense_bytes(model)}
+
+
+COMMANDS = {"demo": run_demo, "prune": run_prune}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return COMMANDS[args.command](args, console)
+    except SecateursError as exc:
+        sys.stderr.write(f"secateurs: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

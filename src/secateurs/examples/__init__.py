@@ -1,0 +1,1 @@
+"""Embedded examples: the digits demo that `secateurs demo` runs."""

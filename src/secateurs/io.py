@@ -1,0 +1,263 @@
+"""Saving and loading without unpickling: safetensors, a sparse form, and safe output dirs.
+
+The sparse form stores each mostly-zero tensor as its non-zero values plus a packed
+bitmask (1 bit per weight), inside an ordinary safetensors file; dense tensors are
+stored as they are. Nothing here unpickles unless the caller passes trust_pickle=True.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save as st_save, save_file
+from torch import nn
+
+from .errors import FileProblem, InvalidArgument, WeightsMismatch
+from .sparsity import MASK_SUFFIX, masked_params, set_mask
+
+_SPARSE_KEY = "secateurs.sparse"
+_ALIAS_KEY = "secateurs.aliases"
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+SPARSE_WEIGHTS_FILE = "model.sparse.safetensors"
+
+
+def weights_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as plain weights: masks applied and left out."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if not k.endswith(MASK_SUFFIX)}
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors stored once: (unique tensors, alias name -> stored name)."""
+    unique, aliases, owner = {}, {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in owner:
+            aliases[name] = owner[key]
+            continue
+        owner[key] = name
+        unique[name] = tensor.detach().cpu().contiguous()
+    return unique, aliases
+
+
+def _encode(state: dict[str, torch.Tensor], sparse: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, aliases = _dedupe(state)
+    metadata = {_ALIAS_KEY: json.dumps(aliases)} if aliases else {}
+    if not sparse:
+        return tensors, metadata
+    encoded, shapes = {}, {}
+    for name, tensor in tensors.items():
+        nonzero = tensor != 0
+        values = tensor[nonzero]
+        # a bitmask costs numel/8 bytes; worth it once it saves more than that in values
+        if tensor.is_floating_point() and (tensor.numel() - values.numel()) * tensor.element_size() > tensor.numel() / 8:
+            encoded[f"{name}/values"] = values.contiguous()
+            encoded[f"{name}/bitmask"] = torch.from_numpy(np.packbits(nonzero.reshape(-1).numpy()))
+            shapes[name] = list(tensor.shape)
+        else:
+            encoded[name] = tensor
+    metadata[_SPARSE_KEY] = json.dumps(shapes)
+    return encoded, metadata
+
+
+def _decode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    metadata = metadata or {}
+    shapes = json.loads(metadata.get(_SPARSE_KEY, "{}"))
+    state = {k: v for k, v in tensors.items() if k.rsplit("/", 1)[0] not in shapes}
+    for name, shape in shapes.items():
+        values, bits = tensors[f"{name}/values"], tensors[f"{name}/bitmask"].numpy()
+        numel = int(np.prod(shape))
+        mask = torch.from_numpy(np.unpackbits(bits, count=numel).astype(bool))
+        dense = torch.zeros(numel, dtype=values.dtype)
+        dense[mask] = values
+        state[name] = dense.reshape(shape)
+    for alias, stored in json.loads(metadata.get(_ALIAS_KEY, "{}")).items():
+        state[alias] = state[stored]
+    return state
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Size of the model's weights as a plain safetensors file."""
+    tensors, metadata = _encode(weights_state(model), sparse=False)
+    return len(st_save(tensors, metadata=metadata))
+
+
+def sparse_bytes(model: nn.Module) -> int:
+    """Size of the model's weights in secateurs' sparse safetensors form."""
+    tensors, metadata = _encode(weights_state(model), sparse=True)
+    return len(st_save(tensors, metadata=metadata))
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, sparse: bool = False) -> None:
+    tensors, metadata = _encode(weights_state(model), sparse=sparse)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    return _decode(load_file(str(path)), metadata)
+
+
+def load_state(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a weights file: safetensors (dense or sparse), or a torch file of plain tensors.
+
+    Torch files are read with weights_only=True; one that holds other pickled objects
+    is refused unless `trust_pickle` is true, because unpickling runs arbitrary code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileProblem(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = _read_safetensors(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        raise FileProblem(
+            f"{path} holds pickled objects besides tensors; refusing to unpickle it "
+            f"(pass trust_pickle=True, CLI --trust-pickle, only for files you trust): "
+            f"{str(exc).splitlines()[0]}") from None
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise FileProblem(f"cannot read weights file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FileProblem(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> None:
+    """Load `state` into `model`, or raise WeightsMismatch naming what does not fit.
+
+    Masks saved in the state (``*_prune_mask``) are re-attached to the model first.
+    """
+    masks = {k: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(MASK_SUFFIX)]
+    unexpected = [k for k in state if k not in own and k not in masks]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise WeightsMismatch(f"{source} do not match the model: " + "; ".join(problems))
+    for key, mask in masks.items():
+        module_name, _, buffer = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        set_mask(module, buffer[: -len(MASK_SUFFIX)], mask)
+    model.load_state_dict(state, strict=False)
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) -> Path:
+    """Write the pruned model to `out_dir`: dense and sparse safetensors plus plan.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / WEIGHTS_FILE)
+    save_weights(model, out / SPARSE_WEIGHTS_FILE, sparse=True)
+    record = plan.to_dict() if hasattr(plan, "to_dict") else (plan or {})
+    record = {**record, "masked": [mp.name for mp in masked_params(model)]}
+    (out / PLAN_FILE).write_text(json.dumps(record, indent=2))
+    return out
+
+
+def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -> nn.Module:
+    """Load weights written by `save` into a fresh `model`.
+
+    With `keep_masks`, the layers that were masked get masks again from their zeros,
+    so fine-tuning the loaded model keeps them pruned.
+    """
+    src = Path(in_dir)
+    weights = src / WEIGHTS_FILE
+    if not weights.is_file():
+        weights = src / SPARSE_WEIGHTS_FILE
+    load_into(model, load_state(weights), source=str(weights))
+    plan_path = src / PLAN_FILE
+    if keep_masks and plan_path.is_file():
+        for name in json.loads(plan_path.read_text()).get("masked", []):
+            module_name, _, param_name = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            set_mask(module, param_name, getattr(module, param_name) != 0)
+    return model
+
+
+def import_factory(spec: str) -> Callable[[], nn.Module]:
+    """The callable named by "package.module:factory"."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidArgument(f"model factory must look like 'package.module:function', got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidArgument(f"cannot import module {module_name!r} of factory {spec!r}: {exc}") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise InvalidArgument(f"module {module_name!r} has no attribute {attr!r} (factory {spec!r})")
+    if not callable(factory):
+        raise InvalidArgument(f"factory {spec!r} is not callable")
+    return factory
+
+
+def build_model(spec: str) -> nn.Module:
+    model = import_factory(spec)()
+    if not isinstance(model, nn.Module):
+        raise InvalidArgument(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_output_dir(out_dir: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool = False) -> Path:
+    """Refuse an output directory that holds an input, or is not empty without `overwrite`."""
+    out = Path(out_dir).resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == out or out in path.parents:
+            raise FileProblem(f"output directory {out_dir} would overwrite input {item}")
+    if out.exists() and not out.is_dir():
+        raise FileProblem(f"output path {out_dir} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileProblem(f"output directory {out_dir} is not empty (pass --overwrite to replace its files)")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory whose files move into `out_dir` only if the block succeeds."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        for item in stage.iterdir():
+            item.chmod(0o666 & ~umask)
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+__all__ = ["load", "save", "load_state", "load_into", "save_weights", "dense_bytes", "sparse_bytes"]
