@@ -159,4 +159,4 @@ def nm_mask(rows: torch.Tensor, n: int, m: int, name: str = "layer") -> torch.Te
 
 def sparsity_of(model: nn.Module) -> dict[str, float]:
     """Fraction of zeros in each masked weight."""
-    return {mp.name: 1.0 - mp.mask.float().mean().item() for mp in masked_params(model)}
+    return {mp.name: int((~mp.mask).sum()) / mp.mask.numel() for mp in masked_params(model)}
