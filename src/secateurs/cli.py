@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from .allocate import NORMALIZERS, SCOPES
@@ -109,9 +110,10 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
     if out.exists() and not out.is_dir():
         raise FileProblem(f"output path {out} exists and is not a directory")
     torch.manual_seed(args.seed)
-    with console.status("training (or loading the cached) dense CNN on digits"):
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("training the dense CNN on digits (cached after the first run)", total=None)
         data = load_digits()
-        model = dense_model(data)
+        model = dense_model(data, on_epoch=lambda done, total: progress.update(task, completed=done, total=total))
     example = data.test_x[:1]
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
     before = measure(model, example, threads=args.threads, evaluate=evaluate)
@@ -121,8 +123,8 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
                      min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
                      skip_incompatible=args.pattern is not None, seed=args.seed)
     pruned_accuracy = evaluate(model)
-    with console.status(f"fine-tuning for {args.finetune_epochs} epochs"):
-        for epoch in range(args.finetune_epochs):
+    with Progress(console=console, transient=True) as progress:
+        for epoch in progress.track(range(args.finetune_epochs), description="fine-tuning"):
             finetune(model, data.train_batches(seed=100 + epoch), epochs=1, lr=1e-3)
     after = measure(model, example, threads=args.threads, evaluate=evaluate)
     metrics = {"before": before.to_dict(), "after": after.to_dict(), "pruned_before_finetune": {"accuracy": pruned_accuracy},
@@ -172,7 +174,9 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
         before = measured(model)
     except RuntimeError as exc:
         raise InvalidArgument(f"the model does not run on the calibration inputs: {str(exc).splitlines()[0]}") from None
-    with console.status(f"pruning with {args.method}"):
+    with Progress(console=console, transient=True) as progress:
+        if data is not None:
+            data = progress.track(data, description=f"scoring with {args.method}")
         plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope, data=data,
                      loss_fn=LOSSES[args.loss], max_batches=args.max_batches, types=args.types,
                      include=args.include, ignore=args.ignore, prune_last=args.prune_last,

@@ -9,6 +9,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def train_dense(data: DigitsData) -> DigitsCNN:
+def train_dense(data: DigitsData, on_epoch: Callable[[int, int], Any] | None = None) -> DigitsCNN:
     torch.manual_seed(RECIPE["seed"])
     model = DigitsCNN()
     for epoch in range(RECIPE["epochs"]):
@@ -82,10 +83,13 @@ def train_dense(data: DigitsData) -> DigitsCNN:
         # comparison with pruned-and-fine-tuned models is fair
         lr = RECIPE["final_lr"] if epoch >= RECIPE["epochs"] - RECIPE["final_epochs"] else RECIPE["lr"]
         finetune(model, data.train_batches(RECIPE["batch"], seed=epoch), epochs=1, lr=lr)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, RECIPE["epochs"])
     return model.eval()
 
 
-def dense_model(data: DigitsData, use_cache: bool = True) -> DigitsCNN:
+def dense_model(data: DigitsData, use_cache: bool = True,
+                on_epoch: Callable[[int, int], Any] | None = None) -> DigitsCNN:
     """The trained dense CNN, from the cache when a matching one is there."""
     key = hashlib.sha256(repr(sorted(RECIPE.items())).encode()).hexdigest()[:12]
     path = cache_dir() / f"digits-{key}.safetensors"
@@ -93,7 +97,7 @@ def dense_model(data: DigitsData, use_cache: bool = True) -> DigitsCNN:
         model = DigitsCNN()
         model.load_state_dict(load_state(path))
         return model.eval()
-    model = train_dense(data)
+    model = train_dense(data, on_epoch)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
