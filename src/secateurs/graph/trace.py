@@ -1,0 +1,211 @@
+"""Record a model's aten-level op graph from one forward pass, without real compute.
+
+The model runs once under FakeTensorMode (shapes only, no data, no large allocations)
+while a TorchDispatchMode above it records every aten op: which tensors went in, which
+came out, and which module was running. Parameters and buffers are fake copies, so the
+graph knows exactly where each one is used, views and transposes included. Models
+whose Python control flow needs real values fall back to a real forward pass.
+
+Each op output is a new tensor node, even for in-place ops, so a node is one version of
+a tensor. Whatever the model returns (tensors, tuples, dicts, Hugging Face outputs) is
+flattened with torch's pytree and marked as graph outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils import _pytree as pytree
+
+from ..errors import InvalidArgument
+
+
+@dataclass
+class TensorNode:
+    """One version of one tensor seen during the forward pass."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str                      # "input", "parameter", "buffer", "constant" or "activation"
+    name: str | None = None        # parameter / buffer name, or input path
+    producer: int | None = None    # index of the op that produced it
+
+
+@dataclass
+class OpNode:
+    """One aten op call: its overload, arguments (tensors as node indices) and outputs."""
+
+    index: int
+    target: Any                    # torch._ops.OpOverload
+    args: tuple
+    kwargs: dict
+    inputs: list[int]              # tensor nodes read, in argument order
+    outputs: list[int]             # tensor nodes written
+    module: str                    # qualified name of the innermost running module
+
+    @property
+    def name(self) -> str:
+        return str(self.target)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A tensor argument of an op, as the index of its tensor node."""
+
+    node: int
+
+
+@dataclass
+class Graph:
+    tensors: list[TensorNode] = field(default_factory=list)
+    ops: list[OpNode] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+    parameters: dict[str, int] = field(default_factory=dict)   # name -> tensor node
+    fake: bool = True
+
+    def consumers(self) -> dict[int, list[int]]:
+        """Tensor node -> ops that read it."""
+        readers: dict[int, list[int]] = {}
+        for op in self.ops:
+            for i in op.inputs:
+                readers.setdefault(i, []).append(op.index)
+        return readers
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[op.name] = counts.get(op.name, 0) + 1
+        return counts
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, graph: Graph, module_stack: list[str]):
+        super().__init__()
+        self.graph = graph
+        self.module_stack = module_stack
+        self.node_of: dict[int, int] = {}       # id(tensor object) -> latest tensor node
+        self.alive: list[torch.Tensor] = []     # keeps ids from being reused
+
+    def register(self, tensor: torch.Tensor, kind: str, name: str | None = None, producer: int | None = None) -> int:
+        node = TensorNode(len(self.graph.tensors), tuple(tensor.shape), tensor.dtype, kind, name, producer)
+        self.graph.tensors.append(node)
+        self.node_of[id(tensor)] = node.index
+        self.alive.append(tensor)
+        return node.index
+
+    def _ref(self, value: Any, inputs: list[int]) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        node = self.node_of.get(id(value))
+        if node is None:  # a tensor made outside any recorded op, e.g. a Python constant
+            node = self.register(value, "constant")
+        inputs.append(node)
+        return Ref(node)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs: list[int] = []
+        ref_args = pytree.tree_map(lambda v: self._ref(v, inputs), args)
+        ref_kwargs = pytree.tree_map(lambda v: self._ref(v, inputs), kwargs)
+        result = func(*args, **kwargs)
+        op = OpNode(len(self.graph.ops), func, ref_args, ref_kwargs, inputs, [],
+                    self.module_stack[-1] if self.module_stack else "")
+        self.graph.ops.append(op)
+        for value in pytree.tree_leaves(result):
+            if isinstance(value, torch.Tensor):
+                op.outputs.append(self.register(value, "activation", producer=op.index))
+        return result
+
+
+@contextlib.contextmanager
+def _module_stack(model: nn.Module, stack: list[str]) -> Iterator[None]:
+    def enter(name: str):
+        def hook(module, args):
+            stack.append(name)
+        return hook
+
+    def leave(module, args, output):
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _run(model: nn.Module, args: tuple, kwargs: dict, fake: bool) -> Graph:
+    graph = Graph(fake=fake)
+    stack: list[str] = []
+    mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext()
+    convert = (lambda t: mode.from_tensor(t)) if fake else (lambda t: t)
+    recorder = _Recorder(graph, stack)
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        state[name] = convert(p)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        state[name] = convert(b)
+    seen: dict[int, int] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        kind = "parameter" if isinstance(p, nn.Parameter) else "buffer"
+        if id(p) in seen:  # tied: both names point at one node
+            recorder.node_of[id(state[name])] = seen[id(p)]
+            if kind == "parameter":
+                graph.parameters[name] = seen[id(p)]
+            continue
+        seen[id(p)] = recorder.register(state[name], kind, name)
+        if kind == "parameter":
+            graph.parameters[name] = seen[id(p)]
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    flat = [convert(v) if isinstance(v, torch.Tensor) else v for v in flat]
+    for i, value in enumerate(flat):
+        if isinstance(value, torch.Tensor):
+            recorder.register(value, "input", f"input[{i}]")
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    with mode, _module_stack(model, stack), recorder, torch.no_grad():
+        output = torch.func.functional_call(model, state, args, kwargs, tie_weights=False, strict=False)
+    for value in _leaves(output):
+        if isinstance(value, torch.Tensor) and id(value) in recorder.node_of:
+            graph.outputs.append(recorder.node_of[id(value)])
+    return graph
+
+
+def _leaves(output: Any) -> list[Any]:
+    if hasattr(output, "to_tuple") and not isinstance(output, torch.Tensor):
+        output = output.to_tuple()  # Hugging Face ModelOutput
+    return pytree.tree_leaves(output)
+
+
+def trace(model: nn.Module, example_inputs: Any) -> Graph:
+    """The op graph of `model` on `example_inputs` (a tensor, a tuple of them, or a dict of keyword inputs)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgument(f"trace needs an nn.Module, got {type(model).__name__}")
+    args, kwargs = _split_inputs(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            return _run(model, args, kwargs, fake=True)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            # data-dependent Python control flow, or an op without a fake kernel
+            return _run(model, args, kwargs, fake=False)
+    finally:
+        model.train(was_training)
