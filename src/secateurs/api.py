@@ -54,7 +54,7 @@ class Plan:
         return out
 
 
-def _check_ratio(name: str, value: float, upper_inclusive: bool = False) -> float:
+def check_ratio(name: str, value: float, upper_inclusive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgument(f"{name} must be a number, got {value!r}")
     ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
@@ -70,9 +70,9 @@ def resolve_sparsity(sparsity: float | None, pattern: str | tuple[int, int] | No
     if nm is None:
         if sparsity is None:
             raise InvalidArgument("give a sparsity in [0, 1) or an N:M pattern")
-        return _check_ratio("sparsity", sparsity), None
+        return check_ratio("sparsity", sparsity), None
     implied = 1.0 - nm[0] / nm[1]
-    if sparsity is not None and abs(_check_ratio("sparsity", sparsity) - implied) > 1e-9:
+    if sparsity is not None and abs(check_ratio("sparsity", sparsity) - implied) > 1e-9:
         raise InvalidArgument(f"pattern {nm[0]}:{nm[1]} means sparsity {implied:g}, but sparsity={sparsity} was given")
     return implied, nm
 
@@ -126,8 +126,8 @@ def prune(
     sparsity, nm = resolve_sparsity(sparsity, pattern)
     if scope not in SCOPES:
         raise InvalidArgument(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
-    min_ratio = _check_ratio("min_ratio", min_ratio, upper_inclusive=True)
-    max_ratio = _check_ratio("max_ratio", max_ratio, upper_inclusive=True)
+    min_ratio = check_ratio("min_ratio", min_ratio, upper_inclusive=True)
+    max_ratio = check_ratio("max_ratio", max_ratio, upper_inclusive=True)
     if normalize not in NORMALIZERS:
         raise InvalidArgument(f"unknown normalize {normalize!r}; expected one of {', '.join(NORMALIZERS)}")
     if min_ratio > max_ratio:

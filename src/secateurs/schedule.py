@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .api import Plan, prune
+from .api import Plan, check_ratio, prune
 from .errors import InvalidArgument
 
 
@@ -13,6 +13,7 @@ def iterative_sparsities(sparsity: float, steps: int) -> list[float]:
     """Sparsity after each of `steps` rounds, removing the same share of what is left each time."""
     if not isinstance(steps, int) or steps < 1:
         raise InvalidArgument(f"steps must be a positive integer, got {steps!r}")
+    sparsity = check_ratio("sparsity", sparsity)
     return [1.0 - (1.0 - sparsity) ** ((i + 1) / steps) for i in range(steps)]
 
 
@@ -67,8 +68,9 @@ class AGP:
 
     def step(self, *_: Any) -> Plan | None:
         """Advance one training step; prune when the schedule says so."""
-        t = self.current_step
+        # step t is the t-th optimizer step done, so end_step steps end at the final sparsity
         self.current_step += 1
+        t = self.current_step
         due = self.start <= t <= self.end and ((t - self.start) % self.frequency == 0 or t == self.end)
         if not due:
             return None
