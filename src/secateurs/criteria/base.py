@@ -88,6 +88,19 @@ def eval_mode(model: nn.Module):
 
 
 @contextlib.contextmanager
+def requiring_grad(params: Iterable[torch.Tensor]):
+    """Let autograd differentiate `params` even where the user froze them, then refreeze."""
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
 def forward_hooks(hooks: dict[nn.Module, Callable]):
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     try:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import MissingData
 from ..select import Target
-from .base import Calibration, Criterion, Scores, eval_mode, model_device
+from .base import Calibration, Criterion, Scores, eval_mode, model_device, requiring_grad
 
 
 def accumulate_gradients(
@@ -27,7 +27,7 @@ def accumulate_gradients(
     params = [t.param for t in targets]
     totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     count = 0
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad(), requiring_grad(params):
         for args, kwargs, labels in calibration.batches(model_device(model)):
             loss = calibration.loss_fn(model(*args, **kwargs), labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)

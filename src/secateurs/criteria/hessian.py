@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..errors import MissingData
 from ..select import Target
-from .base import Calibration, Criterion, Scores, eval_mode, model_device
+from .base import Calibration, Criterion, Scores, eval_mode, model_device, requiring_grad
 
 
 def _take(x: Any, i: int) -> Any:
@@ -63,7 +63,7 @@ def empirical_fisher(model: nn.Module, targets: list[Target], calibration: Calib
     totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     samples = 0
     use_vmap = True
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad(), requiring_grad(params.values()):
         for args, kwargs, labels in calibration.batches(model_device(model)):
             batch = None
             if use_vmap and not kwargs and isinstance(labels, torch.Tensor):

@@ -20,10 +20,13 @@ _CHUNK = 16  # samples unfolded at a time, to bound im2col memory
 
 
 def _conv2d_column_sumsq(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # Pad as the layer does ("same", reflect and circular included), so the columns are
+    # exactly those the layer multiplies.
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     total = 0
     for chunk in x.split(_CHUNK):
-        cols = F.unfold(chunk.float(), conv.kernel_size, dilation=conv.dilation,
-                        padding=conv.padding if isinstance(conv.padding, tuple) else 0, stride=conv.stride)
+        padded = F.pad(chunk.float(), conv._reversed_padding_repeated_twice, mode=mode)
+        cols = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
         total = total + cols.pow(2).sum(dim=(0, 2))
     return total.reshape(conv.in_channels, *conv.kernel_size)
 
@@ -32,7 +35,7 @@ def _input_sumsq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Sum of squares of each input feature of `module` over one batch."""
     if isinstance(module, nn.Linear):
         return x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)
-    if isinstance(module, nn.Conv2d) and not isinstance(module.padding, str):
+    if isinstance(module, nn.Conv2d):
         return _conv2d_column_sumsq(module, x)
     per_channel = x.float().pow(2).transpose(0, 1).reshape(x.shape[1], -1).sum(1)
     return per_channel.reshape(-1, *[1] * (module.weight.dim() - 2)).expand(-1, *module.kernel_size)
