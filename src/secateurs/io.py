@@ -181,19 +181,25 @@ def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) 
 
 
 def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -> nn.Module:
-    """Load weights written by `save` into a fresh `model`.
+    """Load what `save` wrote into a fresh `model` built by the original factory.
 
-    With `keep_masks`, the layers that were masked get masks again from their zeros,
-    so fine-tuning the loaded model keeps them pruned.
+    A structured plan is replayed first (the same channels and heads are cut), so the
+    weights fit. With `keep_masks`, the layers that were masked get masks again from
+    their zeros, so fine-tuning the loaded model keeps them pruned.
     """
     src = Path(in_dir)
+    plan_path = src / PLAN_FILE
+    record = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    if record.get("keeps"):
+        from .structured import replay
+
+        replay(model, record)
     weights = src / WEIGHTS_FILE
     if not weights.is_file():
         weights = src / SPARSE_WEIGHTS_FILE
     load_into(model, load_state(weights), source=str(weights))
-    plan_path = src / PLAN_FILE
-    if keep_masks and plan_path.is_file():
-        for name in json.loads(plan_path.read_text()).get("masked", []):
+    if keep_masks:
+        for name in record.get("masked", []):
             module_name, _, param_name = name.rpartition(".")
             module = model.get_submodule(module_name)
             set_mask(module, param_name, getattr(module, param_name) != 0)
