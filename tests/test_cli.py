@@ -177,3 +177,50 @@ def test_demo_rejects_bad_method(tmp_path, capsys):
     code, _, err = run(["demo", "--method", "bogus", "--out", str(tmp_path / "d")], capsys)
     assert code == 2 and "unknown method 'bogus'" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_structured_prune_and_reload(project, capsys):
+    code, _, err = run(["prune", "--model", "usermodels:build", "--weights", "w.safetensors", "--structured",
+                        "--target", "macs=0.6", "--input-shape", "4,12", "--out", "sp"], capsys)
+    assert code == 0, err
+    metrics = json.loads((project / "sp" / "metrics.json").read_text())
+    assert metrics["after"]["macs"] <= 0.6 * metrics["before"]["macs"]
+    assert metrics["after"]["params"] < metrics["before"]["params"]
+    import secateurs as sc
+    from usermodels import build
+    fresh = sc.load(build(), project / "sp")
+    assert fresh[0].out_features < 16 and fresh(torch.randn(2, 12)).shape == (2, 3)
+
+
+STRUCTURED_BAD = [
+    (["--structured", "--sparsity", "0.5", "--input-shape", "1,12"], "--structured takes --ratio or --target"),
+    (["--structured", "--input-shape", "1,12"], "exactly one of --ratio"),
+    (["--structured", "--target", "flops=0.5", "--input-shape", "1,12"], "target must look like"),
+    (["--structured", "--ratio", "1.5", "--input-shape", "1,12"], "--ratio must be in [0, 1)"),
+    (["--structured", "--ratio", "0.5", "--input-shape", "1,x"], "--input-shape must be positive integers"),
+    (["--structured", "--ratio", "0.5"], "needs an example input"),
+]
+
+
+@pytest.mark.parametrize("extra,message", STRUCTURED_BAD, ids=[m for _, m in STRUCTURED_BAD])
+def test_structured_bad_input(project, capsys, extra, message):
+    code, _, err = run(["prune", "--model", "usermodels:build", "--weights", "w.safetensors", "--out", "out", *extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (project / "out").exists()
+
+
+def test_analyze_lists_groups_and_blockers(project, capsys):
+    code, out, err = run(["analyze", "--model", "usermodels:build", "--input-shape", "2,12"], capsys)
+    assert code == 0, err
+    assert "groups of coupled channels" in out and "0.weight[0]" in out and "model input or output" in out
+    code, _, err = run(["analyze", "--model", "usermodels:build", "--input-shape", "2,7"], capsys)
+    assert code == 2 and "does not run on an input of shape 2,7" in err
+
+
+def test_structured_demo_really_shrinks(tmp_path, capsys):
+    code, _, err = run(["demo", "--structured", "--out", str(tmp_path / "sd")], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "sd" / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    assert after["macs"] <= 0.5 * before["macs"] and after["params"] < before["params"]
+    assert after["accuracy"] >= before["accuracy"] - 0.02

@@ -76,11 +76,32 @@ def global_counts(sizes: dict[str, int], sorted_scores: dict[str, torch.Tensor],
     return {n: low[n] + extra[i] for i, n in enumerate(names)}
 
 
+def _unbounded_global_masks(flat: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """The globally lowest round(s * N) scores, found by selection (O(N)) instead of sorting.
+
+    Ties at the threshold go to the earlier layer and index, as a stable sort would.
+    """
+    names = list(flat)
+    values = torch.cat([flat[n] for n in names])
+    budget = round(sparsity * values.numel())
+    keep = torch.ones(values.numel(), dtype=torch.bool)
+    if budget > 0:
+        threshold = torch.kthvalue(values, budget).values
+        below = values < threshold
+        ties = (values == threshold).nonzero().flatten()[: budget - int(below.sum())]
+        keep[below] = False
+        keep[ties] = False
+    return dict(zip(names, keep.split([flat[n].numel() for n in names])))
+
+
 def global_masks(scores: dict[str, torch.Tensor], sparsity: float, min_ratio: float = 0.0,
                  max_ratio: float = 1.0, normalize: str = "none") -> dict[str, torch.Tensor]:
     """One ranking across all layers, with optional per-layer ratio bounds and normalisation."""
     norm = NORMALIZERS[normalize]
     flat = {n: norm(s.reshape(-1).float().cpu()) for n, s in scores.items()}
+    if min_ratio == 0.0 and max_ratio == 1.0:
+        keep = _unbounded_global_masks(flat, sparsity)
+        return {n: keep[n].reshape(s.shape).to(s.device) for n, s in scores.items()}
     order = {n: torch.argsort(f, stable=True) for n, f in flat.items()}
     counts = global_counts({n: f.numel() for n, f in flat.items()},
                            {n: flat[n][order[n]] for n in flat}, sparsity, min_ratio, max_ratio)

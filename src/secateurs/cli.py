@@ -18,7 +18,8 @@ from .api import prune, resolve_sparsity
 from .criteria import CRITERIA, get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .io import build_model, check_output_dir, load_into, load_state, save, staged_output
-from .measure import Measurement, measure
+from .measure import measure
+from .structured import prune_structured
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 ROWS = ("accuracy", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes", "latency_ms")
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a CNN on digits, prune it, fine-tune, compare")
     _add_selection(demo)
+    demo.add_argument("--structured", action="store_true", help="remove whole channels (default target macs=0.5)")
+    demo.add_argument("--target", default=None, help="structured budget, e.g. macs=0.5 or params=0.3")
     demo.add_argument("--out", default="runs/demo", help="directory for metrics.json and the pruned model")
     demo.add_argument("--finetune-epochs", type=int, default=3)
     demo.add_argument("--threads", type=int, default=1, help="CPU threads for latency measurement")
@@ -74,9 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", nargs="*", default=None, help="layer types to prune, e.g. linear conv2d")
     p.add_argument("--prune-last", action="store_true", help="also prune the final classifier layer")
     p.add_argument("--skip-incompatible", action="store_true", help="with --pattern, skip layers whose width does not divide")
+    p.add_argument("--structured", action="store_true", help="remove whole channels / heads instead of masking weights")
+    p.add_argument("--ratio", type=_ratio, default=None, help="structured: fraction of each group's channels removed")
+    p.add_argument("--target", default=None, help="structured: budget such as macs=0.5 or params=0.3")
+    p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (else the first calib input)")
     p.add_argument("--out", required=True, help="output directory (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
     p.add_argument("--threads", type=int, default=1)
+
+    a = sub.add_parser("analyze", help="show every group of coupled channels and what blocks it")
+    a.add_argument("--model", required=True, metavar="MODULE:FACTORY")
+    a.add_argument("--weights", default=None, help="optional weights (shapes come from the factory)")
+    a.add_argument("--trust-pickle", action="store_true")
+    a.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
+    a.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
     return parser
 
 
@@ -118,10 +132,15 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
     before = measure(model, example, threads=args.threads, evaluate=evaluate)
     with console.status(f"pruning with {args.method}"):
-        plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope,
-                     data=data.train_batches()[:8], loss_fn=F.cross_entropy, ignore=args.ignore,
-                     min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
-                     skip_incompatible=args.pattern is not None, seed=args.seed)
+        if args.structured:
+            plan = prune_structured(model, example, target=args.target or "macs=0.5", method=args.method,
+                                    data=data.train_batches()[:8], loss_fn=F.cross_entropy, ignore=args.ignore,
+                                    seed=args.seed)
+        else:
+            plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope,
+                         data=data.train_batches()[:8], loss_fn=F.cross_entropy, ignore=args.ignore,
+                         min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
+                         skip_incompatible=args.pattern is not None, seed=args.seed)
     pruned_accuracy = evaluate(model)
     with Progress(console=console, transient=True) as progress:
         for epoch in progress.track(range(args.finetune_epochs), description="fine-tuning"):
@@ -132,8 +151,9 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
     with staged_output(out) as stage:
         save(model, stage, plan)
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    console.print(_table(f"digits CNN, {args.method}, {plan.achieved:.0%} of prunable weights removed",
-                         metrics["before"], metrics["after"]))
+    what = (f"channels removed to {after.macs / before.macs:.0%} of the MACs" if args.structured
+            else f"{plan.achieved:.0%} of prunable weights removed")
+    console.print(_table(f"digits CNN, {args.method}, {what}", metrics["before"], metrics["after"]))
     console.print(f"accuracy right after pruning, before fine-tuning: {pruned_accuracy:.2%}")
     console.print(f"wrote {out / 'metrics.json'} and the pruned model to {out}/")
     return 0
@@ -156,24 +176,65 @@ def _calibration(path: str | None, batch_size: int, trust_pickle: bool) -> list[
     return list(zip(inputs.split(batch_size), targets.split(batch_size)))
 
 
+def _example_input(shape: str | None, dtype: str = "float") -> torch.Tensor | None:
+    if shape is None:
+        return None
+    try:
+        dims = [int(d) for d in shape.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or any(d < 1 for d in dims):
+        raise InvalidArgument(f"--input-shape must be positive integers separated by commas, e.g. 1,3,224,224; got {shape!r}")
+    generator = torch.Generator().manual_seed(0)
+    if dtype == "long":
+        return torch.randint(0, 2, dims, generator=generator)
+    return torch.randn(dims, generator=generator)
+
+
+def _check_structured(args: argparse.Namespace) -> None:
+    if args.pattern is not None or args.sparsity is not None:
+        raise InvalidArgument("--structured takes --ratio or --target, not --sparsity / --pattern")
+    if (args.ratio is None) == (args.target is None):
+        raise InvalidArgument("--structured needs exactly one of --ratio (fraction of channels) or --target (e.g. macs=0.5)")
+    if args.target is not None:
+        from .structured import _parse_target
+
+        _parse_target(args.target)
+    elif not 0.0 <= args.ratio < 1.0:
+        raise InvalidArgument(f"--ratio must be in [0, 1), got {args.ratio}")
+    get_criterion(args.method or "l2")
+
+
 def run_prune(args: argparse.Namespace, console: Console) -> int:
-    args.method = args.method or "magnitude"
-    _check_common(args)
+    if args.structured:
+        _check_structured(args)
+        args.method = args.method or "l2"
+    else:
+        args.method = args.method or "magnitude"
+        _check_common(args)
     inputs = [args.weights] + ([args.calib] if args.calib else [])
     check_output_dir(args.out, inputs, overwrite=args.overwrite)
     model = build_model(args.model)
     load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
     model.eval()
     data = _calibration(args.calib, args.batch_size, args.trust_pickle)
-    example = None
-    if data:
+    example = _example_input(args.input_shape)
+    if example is None and data:
         first = data[0][0] if isinstance(data[0], tuple) else data[0]
         example = first[:1]
+    if args.structured and example is None:
+        raise InvalidArgument("--structured needs an example input: pass --input-shape or --calib")
     measured = (lambda m: measure(m, example, threads=args.threads).to_dict()) if example is not None else _static_costs
     try:
         before = measured(model)
     except RuntimeError as exc:
         raise InvalidArgument(f"the model does not run on the calibration inputs: {str(exc).splitlines()[0]}") from None
+    if args.structured:
+        with console.status(f"removing channels ({args.method})"):
+            plan = prune_structured(model, example, args.ratio, target=args.target, method=args.method, data=data,
+                                    loss_fn=LOSSES[args.loss], ignore=args.ignore, seed=args.seed)
+        return _finish_prune(args, console, model, plan, before, measured(model),
+                             f"{args.model}, structured {plan.method}: MACs {plan.macs_after / plan.macs_before:.1%} of before")
     with Progress(console=console, transient=True) as progress:
         if data is not None:
             data = progress.track(data, description=f"scoring with {args.method}")
@@ -182,12 +243,39 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
                      include=args.include, ignore=args.ignore, prune_last=args.prune_last,
                      min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
                      skip_incompatible=args.skip_incompatible, seed=args.seed)
-    after = measured(model)
+    return _finish_prune(args, console, model, plan, before, measured(model),
+                         f"{args.model}, {plan.method}, {plan.achieved:.1%} of selected weights removed")
+
+
+def _finish_prune(args, console, model, plan, before, after, title: str) -> int:
     with staged_output(args.out) as stage:
         save(model, stage, plan)
         (stage / "metrics.json").write_text(json.dumps({"before": before, "after": after, "plan": plan.to_dict()}, indent=2))
-    console.print(_table(f"{args.model}, {plan.method}, {plan.achieved:.1%} of selected weights removed", before, after))
+    console.print(_table(title, before, after))
     console.print(f"wrote the pruned model, plan.json and metrics.json to {args.out}/")
+    return 0
+
+
+def run_analyze(args: argparse.Namespace, console: Console) -> int:
+    from .graph.groups import analyze
+
+    example = _example_input(args.input_shape, args.input_dtype)
+    model = build_model(args.model)
+    if args.weights:
+        load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
+    try:
+        analysis = analyze(model.eval(), example)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"the model does not run on an input of shape {args.input_shape}: {str(exc).splitlines()[0]}") from None
+    table = Table(title=f"{args.model}: {len(analysis.groups)} groups of coupled channels")
+    for column in ("group", "kind", "units", "prunable", "members", "blocked by"):
+        table.add_column(column)
+    for g in analysis.groups:
+        members = ", ".join(f"{n}[{d}]" for n, d in g.members[:4]) + (f" +{len(g.members) - 4}" if len(g.members) > 4 else "")
+        table.add_row(str(g.index), g.kind, str(g.size), str(len(g.prunable_units)), members, g.reason or "")
+    console.print(table)
+    if analysis.unknown_ops:
+        console.print(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(analysis.unknown_ops)))}")
     return 0
 
 
@@ -200,12 +288,13 @@ def _static_costs(model: torch.nn.Module) -> dict[str, Any]:
     return {"params": params, "nonzeros": nonzeros, "size_bytes": sparse_bytes(model), "dense_size_bytes": dense_bytes(model)}
 
 
-COMMANDS = {"demo": run_demo, "prune": run_prune}
+COMMANDS = {"demo": run_demo, "prune": run_prune, "analyze": run_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    # piped output (logs, CI) gets wide tables instead of rich's 80-column default
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         return COMMANDS[args.command](args, console)
     except SecateursError as exc:

@@ -18,6 +18,7 @@ from torch import nn
 from .errors import IncompatibleLayer, InvalidArgument
 
 MASK_SUFFIX = "_prune_mask"
+_VERSION = "_prune_mask_versions"  # plain module attribute: param name -> times its mask changed
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,12 @@ def set_mask(module: nn.Module, param_name: str, mask: torch.Tensor) -> None:
         module.register_buffer(buffer_name, mask.clone(), persistent=True)
     with torch.no_grad():
         param.mul_(getattr(module, buffer_name))
+    versions = module.__dict__.setdefault(_VERSION, {})
+    versions[param_name] = versions.get(param_name, 0) + 1
+
+
+def mask_version(mp: MaskedParam) -> int:
+    return mp.module.__dict__.get(_VERSION, {}).get(mp.param_name, 0)
 
 
 def apply_masks(model: nn.Module) -> None:
@@ -118,14 +125,37 @@ def finalize(model: nn.Module) -> int:
 
 
 class SparsityKeeper:
-    """Optimizer hooks that hold pruned weights at exactly zero. Remove with `.remove()`."""
+    """Optimizer hooks that hold pruned weights at exactly zero. Remove with `.remove()`.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
-        self.model = model
+    Before every step the gradients of pruned weights are zeroed. After a step, each
+    weight whose mask is new or changed since the last step is masked again and its
+    optimizer state (momentum, Adam moments) is zeroed where it is pruned. From then on
+    a pruned weight has zero value, gradient and state, and SGD, Adam, AdamW, RMSprop
+    and the like leave it at zero, so the weights need no masking on later steps.
+    `every_step=True` masks the weights after every step as well (for optimizers that
+    move a weight whose gradient and state are zero).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, every_step: bool = False):
+        self.model, self.optimizer, self.every_step = model, optimizer, every_step
+        self._seen: dict[tuple[int, str], int] = {}
         self._handles = [
             optimizer.register_step_pre_hook(lambda *_: mask_grads(self.model)),
-            optimizer.register_step_post_hook(lambda *_: apply_masks(self.model)),
+            optimizer.register_step_post_hook(lambda *_: self._after_step()),
         ]
+
+    def _after_step(self) -> None:
+        with torch.no_grad():
+            for mp in masked_params(self.model):
+                key, version = (id(mp.module), mp.param_name), mask_version(mp)
+                if not self.every_step and self._seen.get(key) == version:
+                    continue
+                mask = mp.mask
+                mp.param.mul_(mask)
+                for value in self.optimizer.state.get(mp.param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                        value.mul_(mask)
+                self._seen[key] = version
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -133,15 +163,15 @@ class SparsityKeeper:
         self._handles = []
 
 
-def keep_sparse(optimizer: torch.optim.Optimizer, model: nn.Module) -> SparsityKeeper:
+def keep_sparse(optimizer: torch.optim.Optimizer, model: nn.Module, every_step: bool = False) -> SparsityKeeper:
     """Keep `model`'s pruned weights at zero through every step of `optimizer`.
 
     Call once after building the optimizer, in your own training loop; masks added
-    later (gradual pruning) are picked up automatically.
+    later (gradual pruning) are picked up automatically. See SparsityKeeper.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise InvalidArgument(f"keep_sparse needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return SparsityKeeper(optimizer, model)
+    return SparsityKeeper(optimizer, model, every_step)
 
 
 def nm_mask(rows: torch.Tensor, n: int, m: int, name: str = "layer") -> torch.Tensor:
