@@ -376,3 +376,21 @@ def test_masks_only_grow():
     for name, where in positions.items():
         assert torch.all(grown[name][where]), f"{name}: a weight pruned at 0.3 came back"
     assert_zeros_kept(model, grown)
+
+
+def test_every_step_masks_weights_again_after_each_step():
+    import secateurs as sc_
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    sc_.prune(model, "l1", 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    keeper = sc_.keep_sparse(opt, model, every_step=True)
+    for _ in range(3):
+        opt.zero_grad(); model(torch.randn(4, 8)).sum().backward(); opt.step()
+        with torch.no_grad():
+            model[0].weight.add_(1.0)  # an edit behind the optimizer's back
+    # every_step re-masks on the next step, so only the last edit is still visible
+    assert (model[0].weight[~model[0].weight_prune_mask] == 1.0).all()
+    opt.zero_grad(); model(torch.randn(4, 8)).sum().backward(); opt.step()
+    assert (model[0].weight[~model[0].weight_prune_mask] == 0).all()
+    keeper.remove()

@@ -13,13 +13,15 @@ from .io import load, load_state, save
 from .measure import Measurement, count_macs, count_parameters, latency_ms, measure
 from .recover import SparsityPenalty, evaluate_accuracy, finetune, threshold_prune
 from .schedule import AGP, agp_sparsity, iterative_prune
+from .graph.groups import analyze
 from .select import select_targets
+from .structured import StructuredPlan, prune_structured
 from .sparsity import apply_masks, finalize, keep_sparse, masked_params, sparsity_of
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AGP", "CRITERIA", "Calibration", "Criterion", "FileProblem", "IncompatibleLayer", "InvalidArgument",
+    "AGP", "CRITERIA", "StructuredPlan", "analyze", "prune_structured", "Calibration", "Criterion", "FileProblem", "IncompatibleLayer", "InvalidArgument",
     "LayerPlan", "Measurement", "MissingData", "Plan", "SecateursError", "SparsityPenalty", "WeightsMismatch",
     "agp_sparsity", "apply_masks", "count_macs", "count_parameters", "evaluate_accuracy", "finalize",
     "finetune", "iterative_prune", "keep_sparse", "latency_ms", "load", "load_state", "masked_params",
