@@ -20,13 +20,7 @@ from tests.conftest import tiny_batches, tiny_cnn
 ALL_METHODS = sorted(CRITERIA)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster on a shared machine and fixes the summation order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def score(method, model, data=None, loss_fn=None, seed=0, **selection):

@@ -12,13 +12,7 @@ from secateurs.examples import zoo
 NAMES = sorted(zoo.ZOO)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these models are tiny: two OpenMP threads only add stalls on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_entry_documents_its_output_shape():
