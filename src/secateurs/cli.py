@@ -17,9 +17,9 @@ from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
 from .criteria import CRITERIA, get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
-from .io import build_model, check_output_dir, load_into, load_state, save, staged_output
-from .measure import measure
-from .structured import prune_structured
+from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, save, sparse_bytes, staged_output
+from .measure import count_parameters, measure
+from .structured import parse_target, prune_structured
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 ROWS = ("accuracy", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes", "latency_ms")
@@ -197,9 +197,7 @@ def _check_structured(args: argparse.Namespace) -> None:
     if (args.ratio is None) == (args.target is None):
         raise InvalidArgument("--structured needs exactly one of --ratio (fraction of channels) or --target (e.g. macs=0.5)")
     if args.target is not None:
-        from .structured import _parse_target
-
-        _parse_target(args.target)
+        parse_target(args.target)
     elif not 0.0 <= args.ratio < 1.0:
         raise InvalidArgument(f"--ratio must be in [0, 1), got {args.ratio}")
     get_criterion(args.method or "l2")
@@ -281,9 +279,6 @@ def run_analyze(args: argparse.Namespace, console: Console) -> int:
 
 def _static_costs(model: torch.nn.Module) -> dict[str, Any]:
     """Costs that need no input: parameters, non-zeros and bytes."""
-    from .io import dense_bytes, sparse_bytes
-    from .measure import count_parameters
-
     params, nonzeros = count_parameters(model)
     return {"params": params, "nonzeros": nonzeros, "size_bytes": sparse_bytes(model), "dense_size_bytes": dense_bytes(model)}
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .criteria.base import eval_mode
+from .io import dense_bytes, sparse_bytes
 
 aten = torch.ops.aten
 
@@ -131,8 +132,6 @@ def latency_ms(model: nn.Module, example_inputs: Any, threads: int = 1,
 def measure(model: nn.Module, example_inputs: Any, *, threads: int = 1, repeats: int = 20,
             evaluate: Callable[[nn.Module], float] | None = None) -> Measurement:
     """Every cost of `model` at once, plus accuracy when `evaluate` is given."""
-    from .io import dense_bytes, sparse_bytes  # io imports measure's helpers
-
     params, nonzeros = count_parameters(model)
     macs, per_module = count_macs(model, example_inputs)
     return Measurement(

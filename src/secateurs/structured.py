@@ -95,12 +95,13 @@ def _ignored(group: Group, ignore: Sequence[str]) -> bool:
 
 
 def _removal(counts: int, prunable: list[int], ratio: float, round_to: int | None) -> int:
+    """How many of a group's units to cut: never all of them, kept widths rounded up to `round_to`."""
     remove = int(ratio * counts)
     if round_to:
-        keep = counts - remove
-        keep = min(counts, -(-keep // round_to) * round_to)
+        keep = min(counts, -(-(counts - remove) // round_to) * round_to)
         remove = counts - keep
-    return max(0, min(remove, len(prunable) - 1 if len(prunable) == counts else len(prunable)))
+    limit = len(prunable) - 1 if len(prunable) == counts else len(prunable)
+    return max(0, min(remove, limit))
 
 
 def _choose(analysis: Analysis, groups: list[Group], unit_scores: dict[int, np.ndarray],
@@ -301,7 +302,7 @@ def prune_structured(
     return plan
 
 
-def _parse_target(target: str) -> tuple[str, float]:
+def parse_target(target: str) -> tuple[str, float]:
     key, _, value = target.partition("=")
     try:
         fraction = float(value)
@@ -314,7 +315,7 @@ def _parse_target(target: str) -> tuple[str, float]:
 
 def _prune_to_target(model: nn.Module, example_inputs: Any, target: str, **kwargs: Any) -> StructuredPlan:
     """Bisect the global ratio on copies until the cost is at most the target fraction."""
-    key, fraction = _parse_target(target)
+    key, fraction = parse_target(target)
     cost = (lambda m: count_macs(m, example_inputs)[0]) if key == "macs" else (lambda m: count_parameters(m)[0])
     base = cost(model)
     low, high = 0.0, 0.95
