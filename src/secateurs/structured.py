@@ -234,8 +234,7 @@ def _update_head_counts(model: nn.Module, cut: list[tuple[Group, int]]) -> dict[
     return changed
 
 
-def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:
-    graph = trace(model, example_inputs)
+def _output_shapes(graph) -> list[tuple[int, ...]]:
     return [graph.tensors[i].shape for i in graph.outputs]
 
 
@@ -276,10 +275,11 @@ def prune_structured(
                                 loss_fn=loss_fn, round_to=round_to, ignore=ignore)
     if not 0.0 <= ratio < 1.0:
         raise InvalidArgument(f"ratio must be in [0, 1), got {ratio}")
-    shapes = _output_shapes(model, example_inputs)
+    graph = trace(model, example_inputs)  # one trace serves the analysis and the shape check
+    shapes = _output_shapes(graph)
     params_before, _ = count_parameters(model)
     macs_before, _ = count_macs(model, example_inputs)
-    analysis = analyze_graph(trace(model, example_inputs))
+    analysis = analyze_graph(graph)
     groups = [g for g in analysis.groups if g.kind in units and g.prunable_units and not _ignored(g, ignore)]
     scores = _element_scores(model, criterion, Calibration(data, loss_fn))
     unit_scores = {g.index: _unit_scores(analysis, g, scores, model) for g in groups}
@@ -290,7 +290,7 @@ def prune_structured(
     apply_keeps(model, keeps)
     attributes = _update_head_counts(model, [(by_index[gi], len(p)) for gi, p in chosen.items()
                                              if p and by_index[gi].kind == "head"])
-    after = _output_shapes(model, example_inputs)
+    after = _output_shapes(trace(model, example_inputs))
     if after != shapes:
         raise IncompatibleLayer(f"pruning changed the output shapes {shapes} -> {after}; please report this model")
     plan = StructuredPlan(criterion.name, float(ratio), params_before=params_before, macs_before=macs_before,
