@@ -123,6 +123,9 @@ def prune(
     Weights pruned earlier stay pruned.
     """
     criterion = get_criterion(method, seed=seed)
+    if criterion.scores_norms:
+        raise InvalidArgument(f"method {criterion.name!r} ranks channels by their norm scale, not single weights; "
+                              "use prune_structured (CLI: prune --structured)")
     sparsity, nm = resolve_sparsity(sparsity, pattern)
     if scope not in SCOPES:
         raise InvalidArgument(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")

@@ -168,13 +168,40 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "w
     model.load_state_dict(state, strict=False)
 
 
+def _plan_record(plan: Any | None) -> dict[str, Any]:
+    """plan.json's content; a sequence of plans (blocks, then channels, say) becomes "steps", in order."""
+    if isinstance(plan, (list, tuple)):
+        return {"steps": [_plan_record(step) for step in plan]}
+    return plan.to_dict() if hasattr(plan, "to_dict") else dict(plan or {})
+
+
+def _replay_blocks(model: nn.Module, record: dict[str, Any]) -> None:
+    from .blocks import replay_blocks
+
+    replay_blocks(model, record["blocks"])
+
+
+def _replay_keeps(model: nn.Module, record: dict[str, Any]) -> None:
+    from .structured import replay
+
+    replay(model, record)
+
+
+# What load replays from each step of a plan (a BlockPlan records "blocks", a StructuredPlan "keeps").
+_REPLAYS = {"blocks": _replay_blocks, "keeps": _replay_keeps}
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) -> Path:
-    """Write the pruned model to `out_dir`: dense and sparse safetensors plus plan.json."""
+    """Write the pruned model to `out_dir`: dense and sparse safetensors plus plan.json.
+
+    `plan` is a StructuredPlan, a BlockPlan, or a list of them in the order they were
+    applied (load replays them in that order, so the names each one recorded fit).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / WEIGHTS_FILE)
     save_weights(model, out / SPARSE_WEIGHTS_FILE, sparse=True)
-    record = plan.to_dict() if hasattr(plan, "to_dict") else (plan or {})
+    record = _plan_record(plan)
     record = {**record, "masked": [mp.name for mp in masked_params(model)]}
     (out / PLAN_FILE).write_text(json.dumps(record, indent=2))
     return out
@@ -183,17 +210,17 @@ def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) 
 def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -> nn.Module:
     """Load what `save` wrote into a fresh `model` built by the original factory.
 
-    A structured plan is replayed first (the same channels and heads are cut), so the
-    weights fit. With `keep_masks`, the layers that were masked get masks again from
+    Structured plans are replayed first (the same blocks removed, the same channels and
+    heads cut, in the order they were applied), so the weights fit. With `keep_masks`, the layers that were masked get masks again from
     their zeros, so fine-tuning the loaded model keeps them pruned.
     """
     src = Path(in_dir)
     plan_path = src / PLAN_FILE
     record = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
-    if record.get("keeps"):
-        from .structured import replay
-
-        replay(model, record)
+    for step in record.get("steps", [record]):
+        for kind, replay_step in _REPLAYS.items():
+            if step.get(kind):
+                replay_step(model, step)
     weights = src / WEIGHTS_FILE
     if not weights.is_file():
         weights = src / SPARSE_WEIGHTS_FILE
@@ -260,7 +287,7 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         for item in stage.iterdir():
-            item.chmod(0o666 & ~umask)
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)  # folders need their x bit
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..errors import InvalidArgument
 from .activation import APoZ, MeanActivation
 from .base import Calibration, Criterion, Scores
+from .bn_scale import BNScale
 from .gradient import GradientMagnitude, Taylor
 from .hessian import OBD
 from .magnitude import L1Magnitude, L2Magnitude
@@ -22,6 +23,7 @@ CRITERIA: dict[str, type[Criterion]] = {
     "hessian": OBD,
     "wanda": Wanda,
     "random": RandomScores,
+    "bn_scale": BNScale,
 }
 
 

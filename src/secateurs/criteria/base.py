@@ -116,6 +116,7 @@ class Criterion:
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
+    scores_norms: ClassVar[bool] = False   # scores norm scales (channel pruning only), not the targets
     summary: ClassVar[str] = ""
 
     def __call__(self, model: nn.Module, targets: list[Target],
