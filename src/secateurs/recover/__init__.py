@@ -1,5 +1,12 @@
 """Getting accuracy back after pruning."""
+from .batchnorm import recalibrate_bn
+from .callbacks import AGPSchedule, Callback, IterativeSchedule, PruningCallback, trainer_callback
+from .distill import DistillHistory, distill, distillation_gap, kd_loss
 from .finetune import evaluate_accuracy, finetune
-from .regularize import SparsityPenalty, threshold_prune
+from .guard import GuardReport, GuardStep, guarded_prune
+from .regularize import GroupLassoPenalty, SlimmingPenalty, SparsityPenalty, threshold_prune
 
-__all__ = ["SparsityPenalty", "evaluate_accuracy", "finetune", "threshold_prune"]
+__all__ = ["AGPSchedule", "Callback", "DistillHistory", "GroupLassoPenalty", "GuardReport", "GuardStep",
+           "IterativeSchedule", "PruningCallback", "SlimmingPenalty", "SparsityPenalty", "distill",
+           "distillation_gap", "evaluate_accuracy", "finetune", "guarded_prune", "kd_loss", "recalibrate_bn",
+           "threshold_prune", "trainer_callback"]

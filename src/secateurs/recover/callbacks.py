@@ -1,0 +1,179 @@
+"""Callbacks: let any training loop drive gradual pruning.
+
+A `PruningCallback` holds a schedule (step -> target sparsity, or None when no pruning
+is due) and the arguments of `secateurs.prune`. Call `on_step_end(step)` after every
+optimizer step of your own loop, or pass it as `on_step=` to `finetune` / `distill`:
+when the schedule says so it prunes (masks) the model to the scheduled sparsity, and
+on every step it masks the weights again, so pruned weights stay zero whatever the
+optimizer does. Masks, not surgery, because a training loop's optimizer holds the
+parameter tensors: cutting them mid-training would leave it updating stale ones.
+
+`trainer_callback(callback)` wraps one for the transformers Trainer (an optional
+extra: `pip install 'secateurs[trainer]'`). There is no Lightning adapter: Lightning is
+not a dependency and could not be tested here; its `on_train_batch_end` hook can call
+`on_step_end(trainer.global_step)` the same way.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from torch import nn
+
+from ..api import Plan, check_ratio, prune
+from ..errors import InvalidArgument, SecateursError
+from ..schedule import agp_sparsity, iterative_sparsities
+from ..sparsity import apply_masks
+
+
+@runtime_checkable
+class Callback(Protocol):
+    """What a training loop calls: once before training, after every optimizer step, once after."""
+
+    def on_train_begin(self) -> None: ...
+
+    def on_step_end(self, step: int) -> None: ...
+
+    def on_train_end(self) -> None: ...
+
+
+def _check_step(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class AGPSchedule:
+    """Zhu & Gupta's cubic ramp (see `agp_sparsity`), pruning every `frequency` steps from start to end."""
+
+    final_sparsity: float
+    end_step: int
+    start_step: int = 0
+    frequency: int = 1
+    initial_sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_step("start_step", self.start_step)
+        if _check_step("end_step", self.end_step) <= self.start_step:
+            raise InvalidArgument(f"AGP needs start_step < end_step, got {self.start_step} and {self.end_step}")
+        if _check_step("frequency", self.frequency) < 1:
+            raise InvalidArgument(f"frequency must be at least 1, got {self.frequency}")
+        check_ratio("final_sparsity", self.final_sparsity)
+        check_ratio("initial_sparsity", self.initial_sparsity)
+        if self.initial_sparsity > self.final_sparsity:
+            raise InvalidArgument(f"initial_sparsity {self.initial_sparsity} must not exceed "
+                                  f"final_sparsity {self.final_sparsity}")
+
+    def __call__(self, step: int) -> float | None:
+        due = self.start_step <= step <= self.end_step and (
+            (step - self.start_step) % self.frequency == 0 or step == self.end_step)
+        if not due:
+            return None
+        return agp_sparsity(step, self.initial_sparsity, self.final_sparsity, self.start_step, self.end_step)
+
+
+@dataclass(frozen=True)
+class IterativeSchedule:
+    """`rounds` prunings `every` steps apart after `start_step`, each removing the same share of what is left."""
+
+    sparsity: float
+    rounds: int
+    every: int
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        iterative_sparsities(self.sparsity, self.rounds)  # validates both
+        if _check_step("every", self.every) < 1:
+            raise InvalidArgument(f"every must be at least 1 step, got {self.every}")
+        _check_step("start_step", self.start_step)
+
+    def __call__(self, step: int) -> float | None:
+        elapsed = step - self.start_step
+        if elapsed <= 0 or elapsed % self.every or elapsed // self.every > self.rounds:
+            return None
+        return iterative_sparsities(self.sparsity, self.rounds)[elapsed // self.every - 1]
+
+
+Schedule = Callable[[int], "float | None"]
+
+
+@dataclass
+class PruningCallback:
+    """Prune `model` (masks) to `schedule(step)` after each optimizer step where it is due.
+
+    `prune_kwargs` go to `secateurs.prune` (method, scope, data, loss_fn, ignore, ...).
+    `plans` holds the plan of every pruning, with the step it ran at.
+    """
+
+    model: nn.Module = field(repr=False)
+    schedule: Schedule
+    prune_kwargs: dict[str, Any] = field(default_factory=dict)
+    plans: list[tuple[int, Plan]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise InvalidArgument(f"model must be an nn.Module, got {type(self.model).__name__}")
+        if not callable(self.schedule):
+            raise InvalidArgument(f"schedule must be AGPSchedule, IterativeSchedule or a function step -> "
+                                  f"sparsity, got {type(self.schedule).__name__}")
+        if "sparsity" in self.prune_kwargs:
+            raise InvalidArgument("prune_kwargs must not set 'sparsity': the schedule decides it")
+
+    def on_train_begin(self) -> None:
+        """Apply the schedule's step-0 sparsity, if it has one."""
+        self._prune_if_due(0)
+
+    def on_step_end(self, step: int) -> None:
+        """After optimizer step `step` (counted from 1): prune if due, and keep pruned weights at zero."""
+        _check_step("step", step)
+        self._prune_if_due(step)
+        apply_masks(self.model)  # the optimizer may have moved pruned weights (momentum, weight decay)
+
+    def on_train_end(self) -> None:
+        apply_masks(self.model)
+
+    def _prune_if_due(self, step: int) -> None:
+        target = self.schedule(step)
+        if target is not None and target > 0.0:
+            self.plans.append((step, prune(self.model, sparsity=target, **self.prune_kwargs)))
+
+
+# ------------------------------------------------------------------------ transformers Trainer
+
+@functools.cache
+def _trainer_callback_class() -> type:
+    try:
+        from transformers import TrainerCallback
+    except ImportError:
+        raise SecateursError("the Trainer callback needs transformers and accelerate: "
+                             "pip install 'secateurs[trainer]'") from None
+
+    class SecateursTrainerCallback(TrainerCallback):
+        """Forwards the Trainer's events to a secateurs callback (global_step is the step)."""
+
+        def __init__(self, callback: Callback):
+            self.callback = callback
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.callback.on_train_begin()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.callback.on_step_end(state.global_step)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.callback.on_train_end()
+
+    return SecateursTrainerCallback
+
+
+def trainer_callback(callback: Callback) -> Any:
+    """A `transformers.TrainerCallback` that drives `callback`; pass it in `Trainer(callbacks=[...])`."""
+    if not isinstance(callback, Callback):
+        raise InvalidArgument(f"callback must have on_train_begin, on_step_end and on_train_end "
+                              f"(a PruningCallback), got {type(callback).__name__}")
+    return _trainer_callback_class()(callback)
+
+
+__all__ = ["AGPSchedule", "Callback", "IterativeSchedule", "PruningCallback", "trainer_callback"]
