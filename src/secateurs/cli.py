@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trust-pickle", action="store_true")
     a.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
     a.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
+
+    r = sub.add_parser("run", help="run a YAML recipe: prune, recover, quantize, evaluate, save")
+    r.add_argument("recipe", help="recipe file (see examples/recipe.yaml)")
+    r.add_argument("--out", required=True, help="run directory (created; never an input)")
+    r.add_argument("--resume", action="store_true", help="continue after the last finished stage of --out")
+
+    rep = sub.add_parser("report", help="turn run directories into report.html, report.md and report.json")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", required=True, help="report directory (created; never a run directory)")
+    rep.add_argument("--overwrite", action="store_true", help="replace files in a non-empty report directory")
     return parser
 
 
@@ -283,7 +293,36 @@ def _static_costs(model: torch.nn.Module) -> dict[str, Any]:
     return {"params": params, "nonzeros": nonzeros, "size_bytes": sparse_bytes(model), "dense_size_bytes": dense_bytes(model)}
 
 
-COMMANDS = {"demo": run_demo, "prune": run_prune, "analyze": run_analyze}
+def run_run(args: argparse.Namespace, console: Console) -> int:
+    from .run import run_recipe
+
+    def finished(index: int, name: str, record: dict[str, Any]) -> None:
+        m = record["measurement"]
+        console.print(f"stage {index} {name}: accuracy {_fmt('accuracy', m.get('accuracy'))}, MACs {m['macs']:,}, "
+                      f"{m['size_bytes']:,} bytes, {m['latency_ms']:.3f} ms ({record['seconds']:.1f} s)")
+
+    result = run_recipe(args.recipe, args.out, resume=args.resume, on_stage=finished)
+    if args.resume:
+        console.print(f"resumed {args.out}: {len(result.ran)} stage(s) run, {result.resumed_from} already done")
+    dense, final = result.metrics["dense"]["measurement"], result.metrics["final"]
+    console.print(_table(f"{args.recipe}: dense vs after the last stage ({final['stage']})", dense, final))
+    console.print(f"wrote config.yaml, run.json, metrics.json and checkpoints to {args.out}/")
+    return 0
+
+
+def _fmt(key: str, value: Any) -> str:
+    return "-" if value is None else f"{value:.2%}" if key == "accuracy" else f"{value:,}"
+
+
+def run_report(args: argparse.Namespace, console: Console) -> int:
+    from .report import build_report
+
+    page = build_report(args.runs, args.out, overwrite=args.overwrite)
+    console.print(f"wrote {page}, report.md, report.json and plots/ for {len(args.runs)} run(s)")
+    return 0
+
+
+COMMANDS = {"demo": run_demo, "prune": run_prune, "analyze": run_analyze, "run": run_run, "report": run_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

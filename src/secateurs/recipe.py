@@ -1,0 +1,426 @@
+"""A pipeline in one YAML file: the schema, and a loader whose errors name the place in the file.
+
+    model: {demo: digits}                 # or {factory: "pkg.module:build", weights: w.safetensors}
+    data: {demo: digits}                  # or {calibration: calib.safetensors, evaluation: test.safetensors}
+    seed: 0
+    stages:
+      - prune: {structured: true, method: l2, target: macs=0.25}
+      - distill: {epochs: 6, lr: 1.0e-3, temperature: 4.0, alpha: 0.9}
+      - quantize: {}
+      - evaluate: {}
+      - save: {}
+
+Relative paths are read from the recipe's folder. Every mistake is one line:
+`recipe.yaml:7: stages[0].prune.sparsity: must be in [0, 1), got 1.5`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+
+from .api import resolve_sparsity
+from .criteria import get_criterion
+from .errors import FileProblem, InvalidArgument
+from .structured import parse_target
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML reads `yes` / `true` as booleans, which pydantic would quietly turn into 1.0
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {value:g}")
+    return value
+
+
+def _unit_interval(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {value:g}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_no_bool)]
+Fraction = Annotated[float, BeforeValidator(_no_bool), AfterValidator(_fraction)]
+Weight = Annotated[float, BeforeValidator(_no_bool), AfterValidator(_unit_interval)]
+PositiveNumber = Annotated[float, BeforeValidator(_no_bool), AfterValidator(_positive)]
+Count = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+PositiveCount = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _input_file(value: str, info: ValidationInfo) -> str:
+    """An input path, made absolute against the recipe's folder; it must exist."""
+    base = Path((info.context or {}).get("base", "."))
+    path = (base / os.path.expanduser(value)).resolve()
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return str(path)
+
+
+class ModelSpec(_Spec):
+    """The dense model: the embedded digits CNN, or your factory plus a weights file."""
+
+    demo: Literal["digits"] | None = None
+    factory: str | None = None
+    weights: str | None = None
+    input_shape: list[PositiveCount] | None = None
+    trust_pickle: bool = False
+
+    @field_validator("weights")
+    @classmethod
+    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _input_file(value, info)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.demo is None) == (self.factory is None):
+            raise ValueError("give either demo: digits, or factory: 'package.module:function' with weights: FILE")
+        if self.factory is not None and self.weights is None:
+            raise ValueError("a factory needs weights: FILE (.safetensors, or a torch file of plain tensors)")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory must look like 'package.module:function', got {self.factory!r}")
+        return self
+
+
+class DataSpec(_Spec):
+    """Batches for scoring and training (`calibration`) and for evaluation."""
+
+    demo: Literal["digits"] | None = None
+    calibration: str | None = None
+    evaluation: str | None = None
+    batch_size: PositiveCount = 64
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+
+    @field_validator("calibration", "evaluation")
+    @classmethod
+    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _input_file(value, info)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.demo is None) == (self.calibration is None):
+            raise ValueError("give either demo: digits, or calibration: FILE (tensors 'inputs' and 'targets')")
+        if self.demo is not None and self.evaluation is not None:
+            raise ValueError("demo: digits brings its own test split; leave out evaluation")
+        return self
+
+
+class PruneStage(_Spec):
+    """Mask single weights (sparsity / pattern) or remove channels (structured: ratio / target)."""
+
+    method: str | None = None
+    structured: bool = False
+    sparsity: Fraction | None = None
+    pattern: str | None = None
+    scope: str | None = None
+    ratio: Fraction | None = None
+    target: str | None = None
+    ignore: list[str] = []
+    batches: PositiveCount = 8              # calibration batches for data-aware scoring
+    recalibrate_bn: bool = False            # re-estimate BatchNorm statistics right after the cut
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str | None) -> str | None:
+        if method is not None:
+            get_criterion(method)
+        return method
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneStage:
+        if self.structured:
+            if self.sparsity is not None or self.pattern is not None:
+                raise ValueError("structured pruning takes ratio or target, not sparsity / pattern")
+            if (self.ratio is None) == (self.target is None):
+                raise ValueError("structured pruning needs exactly one of ratio (fraction of channels) "
+                                 "or target (e.g. macs=0.25)")
+            if self.target is not None:
+                parse_target(self.target)
+            if self.scope not in (None, "local", "global"):
+                raise ValueError(f"structured scope must be 'local' or 'global', got {self.scope!r}")
+        else:
+            if self.ratio is not None or self.target is not None:
+                raise ValueError("ratio and target are for structured: true; unstructured pruning takes sparsity or pattern")
+            resolve_sparsity(self.sparsity, self.pattern)
+            if self.scope not in (None, "layer", "global", "row"):
+                raise ValueError(f"scope must be 'layer', 'global' or 'row', got {self.scope!r}")
+        return self
+
+
+class FinetuneStage(_Spec):
+    """Train on the calibration data with the masks kept."""
+
+    epochs: Count = 1
+    lr: PositiveNumber = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: Annotated[float, BeforeValidator(_no_bool), Field(ge=0)] = 0.0
+
+
+class DistillStage(_Spec):
+    """Train against the dense model's temperature-scaled logits (and the labels, weighted 1 - alpha)."""
+
+    epochs: Count = 1
+    lr: PositiveNumber = 1e-3
+    temperature: PositiveNumber = 4.0
+    alpha: Weight = 0.9
+
+
+class QuantizeStage(_Spec):
+    """int8 dynamic quantization of the Linear layers (see secateurs.quantize)."""
+
+    dtype: Literal["int8"] = "int8"
+
+
+class EvaluateStage(_Spec):
+    """Accuracy on the evaluation data."""
+
+    metric: Literal["accuracy"] = "accuracy"
+
+
+class SaveStage(_Spec):
+    """Write the model (dense and sparse safetensors, plan.json; model.int8.safetensors once quantized)."""
+
+    path: str = "model"
+
+    @field_validator("path")
+    @classmethod
+    def _inside_run(cls, path: str) -> str:
+        if Path(path).is_absolute() or ".." in Path(path).parts or not path.strip():
+            raise ValueError(f"must be a folder name inside the run directory, got {path!r}")
+        return path
+
+
+STAGES: dict[str, type[_Spec]] = {
+    "prune": PruneStage, "finetune": FinetuneStage, "distill": DistillStage,
+    "quantize": QuantizeStage, "evaluate": EvaluateStage, "save": SaveStage,
+}
+# Stages that change weights through training or scoring: a quantized model cannot take them.
+_NEEDS_FLOAT = ("prune", "finetune", "distill")
+
+
+class Stage(_Spec):
+    """One step of the pipeline: a mapping with a single key, the stage's name."""
+
+    prune: PruneStage | None = None
+    finetune: FinetuneStage | None = None
+    distill: DistillStage | None = None
+    quantize: QuantizeStage | None = None
+    evaluate: EvaluateStage | None = None
+    save: SaveStage | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_key(cls, value: Any) -> Any:
+        if isinstance(value, str):       # "- evaluate" with no options
+            value = {value: None}
+        if not isinstance(value, dict) or len(value) != 1:
+            got = list(value) if isinstance(value, dict) else repr(value)
+            raise ValueError(f"a stage is a mapping with one key, one of {', '.join(STAGES)}; got {got}")
+        (name, options), = value.items()
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+        return {name: {} if options is None else options}
+
+    @property
+    def name(self) -> str:
+        return next(name for name in STAGES if getattr(self, name) is not None)
+
+    @property
+    def options(self) -> _Spec:
+        return getattr(self, self.name)
+
+
+class Recipe(_Spec):
+    """A whole pipeline: the model, its data, the seed and the stages in order."""
+
+    model: ModelSpec
+    data: DataSpec
+    seed: Count = 0
+    threads: PositiveCount = 1
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_data(cls, value: Any) -> Any:
+        """A demo model brings its own data unless the recipe names some."""
+        model = value.get("model") if isinstance(value, dict) else None
+        if not isinstance(model, dict) or "data" in value:
+            return value
+        if model.get("demo") is not None:
+            return {**value, "data": {"demo": model["demo"]}}
+        if model.get("factory") is not None:
+            raise ValueError("a model from a factory needs data: {calibration: FILE} (tensors 'inputs' and 'targets')")
+        return value
+
+    def misplaced_stage(self) -> int | None:
+        """Index of the first stage that needs float weights but comes after quantize."""
+        quantized = False
+        for index, stage in enumerate(self.stages):
+            if quantized and stage.name in _NEEDS_FLOAT:
+                return index
+            quantized = quantized or stage.name == "quantize"
+        return None
+
+    def to_config(self) -> dict[str, Any]:
+        """The resolved recipe as plain data: every default filled in, paths absolute."""
+        config = self.model_dump(mode="json", exclude_none=True)
+        config["stages"] = [{stage.name: stage.options.model_dump(mode="json", exclude_none=True)}
+                            for stage in self.stages]
+        return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML whose mappings refuse a repeated key (PyYAML would keep the last silently).
+
+    YAML 1.1 also reads `2:4` as the base-60 integer 124; here it stays the string "2:4",
+    so an N:M pattern can be written without quotes.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT = "tag:yaml.org,2002:int"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest node on `loc` (a pydantic error location)."""
+    node, line = root, root.start_mark.line + 1 if root is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            node, line = match[1], match[0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    """("stages", 1, "prune", "sparsity") -> "stages[1].prune.sparsity"."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class that owns the field at `loc`, for listing the keys it allows."""
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        cls = _inner_model(field.annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The BaseModel inside `X | None` or `list[X]`, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType, list):
+        return next((m for m in map(_inner_model, typing.get_args(annotation)) if m is not None), None)
+    return None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """What was wrong and what was expected, in one phrase."""
+    kind, message, loc = error["type"], error["msg"], error["loc"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = f"; expected one of {', '.join(owner.model_fields)}" if owner is not None else ""
+        return f"unknown key{allowed}"
+    if kind == "missing":
+        return "required key is missing"
+    if message.startswith("Value error, "):
+        return message[len("Value error, "):]
+    message = message[0].lower() + message[1:]
+    return f"{message}, got {error['input']!r}" if "input" in error else message
+
+
+def _fail(source: str, line: int | None, where: str, what: str) -> InvalidArgument:
+    place = f"{source}:{line}" if line is not None else source
+    return InvalidArgument(f"{place}: {where + ': ' if where else ''}{what}")
+
+
+def parse_recipe(text: str, source: str = "recipe", base: str | os.PathLike = ".") -> Recipe:
+    """Validate YAML `text` as a Recipe; relative paths are read from `base`."""
+    try:
+        root = yaml.compose(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else None
+        raise _fail(source, line, "", f"YAML syntax error: {exc.problem or exc.context}") from None
+    if not isinstance(data, dict):
+        raise _fail(source, None, "", f"expected a mapping with keys {', '.join(Recipe.model_fields)}, "
+                                      f"got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data, context={"base": str(base)})
+    except ValidationError as exc:
+        # an unknown key usually explains the "missing" error that comes with it: report it first
+        errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+        first, more = errors[0], len(errors) - 1
+        what = _describe(first) + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+        raise _fail(source, _line_of(root, first["loc"]), _path(first["loc"]), what) from None
+    index = recipe.misplaced_stage()
+    if index is not None:
+        raise _fail(source, _line_of(root, ("stages", index)), f"stages[{index}]",
+                    f"{recipe.stages[index].name} cannot follow quantize (an int8 model is not trained or pruned "
+                    "further); move quantize after it")
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate the recipe at `path`; any mistake is one InvalidArgument line naming its place."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileProblem(f"recipe file not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileProblem(f"cannot read recipe {path}: {exc}") from None
+    return parse_recipe(text, source=str(path), base=path.resolve().parent)
+
+
+__all__ = ["Recipe", "Stage", "STAGES", "load_recipe", "parse_recipe"]
