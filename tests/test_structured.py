@@ -16,8 +16,7 @@ from secateurs.graph.groups import analyze
 from secateurs.measure import count_macs, count_parameters
 from secateurs.structured import prune_structured
 
-RECURRENT = {"lstm_classifier", "gru_model"}
-PRUNABLE = [n for n in zoo.ZOO if n not in RECURRENT]
+PRUNABLE = list(zoo.ZOO)
 
 
 def build(name):
@@ -64,11 +63,23 @@ def test_macs_target_is_met(name):
     assert 0.35 <= plan.macs_after / macs <= 0.5
 
 
-def test_recurrent_models_are_reported_not_guessed():
-    model, inputs = build("lstm_classifier")
-    analysis = analyze(model, inputs)
-    assert analysis.unknown_ops  # named, so analyze can say which op blocks
-    assert not any(g.prunable_units for g in analysis.groups if any("lstm" in n for n, _ in g.members))
+class RolledFeatures(nn.Module):
+    """Linear -> torch.roll over the features -> Linear: roll has no rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.second(torch.roll(self.first(x), 1, dims=1))
+
+
+def test_unknown_ops_are_reported_not_guessed():
+    model = RolledFeatures()
+    analysis = analyze(model, torch.randn(2, 4))
+    assert any("roll" in name for name in analysis.unknown_ops)  # named, so analyze can say which op blocks
+    hidden = next(g for g in analysis.groups if ("first.weight", 0) in g.members)
+    assert not hidden.prunable_units and "unknown op" in hidden.reason
 
 
 def test_fused_gate_up_rows_stay_paired():

@@ -8,9 +8,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from .criteria.base import eval_mode
+from .graph.trace import Graph, Ref
 from .io import dense_bytes, sparse_bytes
 
 aten = torch.ops.aten
@@ -20,21 +21,31 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
-def _native_mha_flops(query, key, value, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
-    batch, length, width = query
+def _native_mha_flops(query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                      *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of torch's fused attention, read from the weight shapes so that cut widths count right."""
+    batch, length, width_in = query
     source = key[1]
-    projections = 2 * batch * width * (length * width + 2 * source * width)
-    head = width // num_heads
-    attention = sdpa_flop_count((batch, num_heads, length, head), (batch, num_heads, source, head),
-                                (batch, num_heads, source, head))
-    return projections + attention + 2 * batch * length * width * width
+    width = qkv_weight[0] // 3          # q/k/v projection width: num_heads * head_dim
+    projections = 2 * batch * width * width_in * (length + 2 * source)
+    attention = 4 * batch * length * source * width    # scores q.k^T, then weights.v
+    return projections + attention + 2 * batch * length * proj_weight[0] * width
 
 
-# Attention kernels torch's counter leaves out on CPU: without them a transformer's MACs
-# would silently miss its attention.
+def _mkldnn_rnn_layer_flops(input, weight_ih, weight_hh, *args, out_shape=None, **kwargs) -> int:
+    """One LSTM layer and direction: input and recurrent matmuls at every step."""
+    steps = 1
+    for n in input[:-1]:
+        steps *= n
+    return 2 * steps * weight_ih[0] * (weight_ih[1] + weight_hh[1])
+
+
+# Attention and LSTM kernels torch's counter leaves out on CPU: without them a transformer's
+# MACs would silently miss its attention, an LSTM's its whole recurrence.
 _EXTRA_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     aten._native_multi_head_attention: _native_mha_flops,
+    aten.mkldnn_rnn_layer: _mkldnn_rnn_layer_flops,   # nn.LSTM's CPU kernel
 }
 
 
@@ -65,10 +76,15 @@ def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def total_parameters(model: nn.Module) -> int:
+    """Number of parameters, shared parameters counted once (no pass over the values)."""
+    return sum(p.numel() for p in unique_parameters(model))
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters), shared parameters counted once."""
     params = unique_parameters(model)
-    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+    return total_parameters(model), sum(int(torch.count_nonzero(p)) for p in params)
 
 
 def _call(model: nn.Module, example_inputs: Any) -> Any:
@@ -85,15 +101,61 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, dict[str, in
     Counted by dispatch-level tracing (torch's FlopCounterMode), so functional matmuls,
     SDPA and fused attention count as well as Linear and conv modules.
     """
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    with torch.no_grad(), eval_mode(model), counter:
-        _call(model, example_inputs)
+    counter, _ = _counted_call(model, lambda: _call(model, example_inputs))
     root = type(model).__name__
     per_module = {}
     for name, ops in counter.get_flop_counts().items():
         if name.startswith(root + "."):
             per_module[name[len(root) + 1:]] = sum(ops.values()) // 2
     return counter.get_total_flops() // 2, per_module
+
+
+def _counted_call(model: nn.Module, call: Callable[[], Any]) -> tuple[FlopCounterMode, Any]:
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with torch.no_grad(), eval_mode(model), counter:
+        output = call()
+    return counter, output
+
+
+def macs_and_output(model: nn.Module, call: Callable[[], Any]) -> tuple[int, Any]:
+    """MACs of `call()`, a forward pass of `model` (in eval mode, without gradients), and its output."""
+    counter, output = _counted_call(model, call)
+    return counter.get_total_flops() // 2, output
+
+
+def graph_macs(graph: Graph, shapes: dict[int, tuple[int, ...]] | None = None) -> int | None:
+    """Multiply-accumulates of a traced graph (`graph.trace`), with no forward pass.
+
+    Each op counts by the formula `count_macs` uses, applied to the recorded shapes or,
+    where given, to `shapes` (tensor node -> shape): the cost of the same graph with
+    some widths cut, which is how a MACs target is searched without cutting anything.
+    None where an op's MACs need more than shapes (a module recorded as one op, an
+    attention kernel whose formula reads tensors): count those with `count_macs`.
+    """
+    on_shapes = {op: f.__wrapped__ for op, f in flop_registry.items() if hasattr(f, "__wrapped__")}
+    on_shapes.update(_EXTRA_FORMULAS)
+    shapes = shapes or {}
+
+    def shape_of(value: Any) -> Any:
+        if isinstance(value, Ref):
+            return torch.Size(shapes.get(value.node, graph.tensors[value.node].shape))
+        if isinstance(value, (list, tuple)):
+            return type(value)(shape_of(v) for v in value)
+        return value
+
+    flops = 0
+    for op in graph.ops:
+        packet = getattr(op.target, "overloadpacket", None)
+        if packet is None or (packet in flop_registry and packet not in on_shapes):
+            return None
+        formula = on_shapes.get(packet)
+        if formula is None:
+            continue
+        args = shape_of(op.args)
+        kwargs = {k: shape_of(v) for k, v in op.kwargs.items()}
+        outputs = tuple(torch.Size(shapes.get(i, graph.tensors[i].shape)) for i in op.outputs)
+        flops += formula(*args, out_shape=outputs[0] if len(outputs) == 1 else outputs, **kwargs)
+    return flops // 2
 
 
 def nonzero_macs(model: nn.Module, per_module: dict[str, int], total: int) -> int:

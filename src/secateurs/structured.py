@@ -15,19 +15,21 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import surgery
+from . import hf, surgery
+from .api import check_ratio
 from .criteria import Calibration, Criterion, get_criterion
 from .criteria.base import LossFn
 from .errors import IncompatibleLayer, InvalidArgument
 from .graph import trace
 from .graph.groups import Analysis, Group, analyze_graph
-from .measure import count_macs, count_parameters
+from .graph.trace import Graph, _leaves, _split_inputs
+from .measure import count_macs, graph_macs, macs_and_output, total_parameters
 from .select import select_targets
 
 _CONV_LIKE = (nn.Linear, nn.modules.conv._ConvNd)
@@ -49,7 +51,7 @@ class StructuredPlan:
     """What was removed: per group, which units; with costs before and after."""
 
     method: str
-    ratio: float
+    ratio: float | dict[str, float]         # a dict: glob on member names -> fraction (scope "local")
     groups: list[GroupPlan] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
@@ -78,14 +80,16 @@ def _element_scores(model: nn.Module, criterion: Criterion, calibration: Calibra
 def _unit_scores(analysis: Analysis, group: Group, scores: dict[str, torch.Tensor],
                  model: nn.Module) -> np.ndarray:
     """Sum of element scores of each unit over every scored member slice (falls back to w^2)."""
-    position = {u: i for i, u in enumerate(group.units)}
-    total = np.zeros(len(group.units))
+    units = np.asarray(group.units, dtype=np.int64)
+    position = np.zeros(int(units.max()) + 1 if units.size else 0, dtype=np.int64)
+    position[units] = np.arange(len(units))
+    total = np.zeros(len(units))
     scored_members = [m for m in group.members if m[0] in scores] or group.members
     for name, dim in scored_members:
         tensor = scores[name] if name in scores else model.get_parameter(name).detach().float().pow(2)
-        per_position = tensor.transpose(0, dim).reshape(tensor.shape[dim], -1).sum(1).cpu().numpy()
-        units = analysis.unit_of[(name, dim)]
-        np.add.at(total, [position[u] for u in units.tolist()], per_position)
+        others = [d for d in range(tensor.dim()) if d != dim]
+        per_position = (tensor.sum(others) if others else tensor).cpu().numpy()  # no transposed copy
+        total += np.bincount(position[analysis.unit_of[(name, dim)]], weights=per_position, minlength=len(units))
     return total
 
 
@@ -104,63 +108,144 @@ def _removal(counts: int, prunable: list[int], ratio: float, round_to: int | Non
     return max(0, min(remove, limit))
 
 
+def _check_spec(name: str, value: Any, upper_inclusive: bool) -> None:
+    """Raise InvalidArgument unless `value` is a fraction or a {glob: fraction} dict."""
+    if not isinstance(value, dict):
+        check_ratio(name, value, upper_inclusive)
+        return
+    if not value:
+        raise InvalidArgument(f"{name} is an empty dict; expected {{glob on parameter names: fraction}}")
+    for pattern, fraction in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidArgument(f"{name} keys must be glob patterns on parameter names, got {pattern!r}")
+        check_ratio(f"{name}[{pattern!r}]", fraction, upper_inclusive)
+
+
+def _per_group(groups: list[Group], spec: float | dict[str, float] | None, default: float) -> dict[int, float]:
+    """Group index -> fraction: a float for all, or the first dict pattern matching a member (else `default`)."""
+    if spec is None or not isinstance(spec, dict):
+        return {g.index: default if spec is None else float(spec) for g in groups}
+    return {g.index: next((float(f) for p, f in spec.items() if _ignored(g, (p,))), default) for g in groups}
+
+
 def _choose(analysis: Analysis, groups: list[Group], unit_scores: dict[int, np.ndarray],
-            ratio: float, scope: str, round_to: int | None) -> dict[int, list[int]]:
-    """Group index -> positions of the units to remove."""
+            ratio: float | dict[int, float], scope: str, round_to: int | None,
+            caps: dict[int, float] | None = None) -> dict[int, list[int]]:
+    """Group index -> positions of the units to remove.
+
+    `ratio` is one fraction or, for scope "local", one per group index; `caps` bounds
+    the fraction of each group's units removed (default: none locally, 0.9 globally).
+    """
     chosen: dict[int, list[int]] = {}
+    caps = caps or {}
     if scope == "local":
         for g in groups:
             ok = [i for i, p in enumerate(g.prunable) if p]
-            count = _removal(g.size, ok, ratio, round_to)
+            group_ratio = ratio[g.index] if isinstance(ratio, dict) else ratio
+            count = _removal(g.size, ok, min(group_ratio, caps.get(g.index, 1.0)), round_to)
             order = sorted(ok, key=lambda i: unit_scores[g.index][i])
             chosen[g.index] = order[:count]
         return chosen
-    # global: rank units normalised by their group's mean score, at most max 90% of a group
-    pool = []
+    # global: one ranking of every group's units, each normalised by its group's mean score
+    budget = int(ratio * sum(g.size for g in groups))
+    return _first(*_global_order(groups, unit_scores, caps, round_to), budget)
+
+
+def _global_order(groups: list[Group], unit_scores: dict[int, np.ndarray], caps: dict[int, float],
+                  round_to: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(group index, position) of the units a global ranking cuts, in the order it cuts them.
+
+    Units rank by score over their group's mean score; a group gives no more units once
+    its cap (`caps`, default 90% of it) is reached. Any budget takes a prefix of this order.
+    """
+    if not groups:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    score, group_of, position = [], [], []
+    cap = np.zeros(max(g.index for g in groups) + 1, dtype=np.int64)
     for g in groups:
         s = unit_scores[g.index]
         mean = s.mean() if s.size and s.mean() > 0 else 1.0
-        pool += [(s[i] / mean, g.index, i) for i, p in enumerate(g.prunable) if p]
-    budget = int(ratio * sum(g.size for g in groups))
-    cap = {g.index: _removal(g.size, [i for i, p in enumerate(g.prunable) if p], 0.9, round_to) for g in groups}
-    for _, gi, i in sorted(pool):
-        if budget <= 0:
-            break
-        if len(chosen.setdefault(gi, [])) < cap[gi]:
-            chosen[gi].append(i)
-            budget -= 1
-    return chosen
+        ok = np.flatnonzero(g.prunable)
+        score.append(s[ok] / mean)
+        group_of.append(np.full(len(ok), g.index))
+        position.append(ok)
+        cap[g.index] = _removal(g.size, ok.tolist(), caps.get(g.index, 0.9), round_to)
+    score, group_of, position = np.concatenate(score), np.concatenate(group_of), np.concatenate(position)
+    order = np.lexsort((position, group_of, score))   # by score; ties by group, then position
+    ranked = group_of[order]
+    # walking the ranking, a unit is taken while its group is under its cap, until the budget is spent
+    by_group = np.argsort(ranked, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(ranked[by_group]) != 0])
+    rank_in_group = np.empty(len(ranked), dtype=np.int64)
+    rank_in_group[by_group] = np.arange(len(ranked)) - np.repeat(starts, np.diff(np.r_[starts, len(ranked)]))
+    taken = order[rank_in_group < cap[ranked]]
+    return group_of[taken], position[taken]
+
+
+def _first(group_of: np.ndarray, position: np.ndarray, budget: int) -> dict[int, list[int]]:
+    """Group index -> positions of the first `budget` units of a global order."""
+    group_of, position = group_of[:max(budget, 0)], position[:max(budget, 0)]
+    by_group = np.argsort(group_of, kind="stable")
+    indices, starts = np.unique(group_of[by_group], return_index=True)
+    return {gi: part.tolist() for gi, part in zip(indices.tolist(), np.split(position[by_group], starts[1:]))}
 
 
 def _protect_members(analysis: Analysis, groups: dict[int, Group], chosen: dict[int, list[int]],
-                     unit_scores: dict[int, np.ndarray]) -> None:
+                     unit_scores: dict[int, np.ndarray], unit_ids: dict[int, np.ndarray] | None = None) -> None:
     """Spare the best unit of any member that would lose every position (a concat input, say)."""
+    gone = _cut_units(analysis, _removed_ids(groups, chosen, unit_ids))
     for gi, positions in chosen.items():
         group = groups[gi]
         for member in group.members:
-            units = set(analysis.unit_of[member].tolist())
-            removed = {group.units[i] for i in positions}
-            if units <= removed:
-                candidates = [i for i in positions if group.units[i] in units]
-                positions.remove(max(candidates, key=lambda i: unit_scores[gi][i]))
+            units = analysis.unit_of[member]
+            if positions and gone[units].all():
+                members_units = set(units.tolist())
+                candidates = [i for i in positions if group.units[i] in members_units]
+                spared = max(candidates, key=lambda i: unit_scores[gi][i])
+                positions.remove(spared)
+                gone[group.units[spared]] = False
+
+
+def _removed_ids(groups: dict[int, Group], chosen: dict[int, list[int]],
+                 unit_ids: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """Unit (component) ids of the positions `chosen` cuts (`unit_ids`: each group's units, as arrays)."""
+    unit_ids = unit_ids or {}
+    parts = [unit_ids[gi][positions] if gi in unit_ids else np.asarray(groups[gi].units)[positions]
+             for gi, positions in chosen.items() if positions]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _cut_units(analysis: Analysis, removed: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Per unit (component id): True where the unit is cut; a lookup table, not a search."""
+    gone = np.zeros(int(analysis.component.max()) + 1 if analysis.component.size else 0, dtype=bool)
+    gone[np.asarray(removed, dtype=np.int64)] = True
+    return gone
 
 
 def _keeps(analysis: Analysis, groups: dict[int, Group], chosen: dict[int, list[int]]) -> dict[tuple[str, int], torch.Tensor]:
-    removed_units = {groups[gi].units[i] for gi, positions in chosen.items() for i in positions}
+    gone = _cut_units(analysis, _removed_ids(groups, chosen))
     keeps = {}
     for g in groups.values():
         if not chosen.get(g.index):
             continue
         for member in g.members:
             units = analysis.unit_of[member]
-            keep = np.nonzero(~np.isin(units, list(removed_units)))[0]
+            keep = np.nonzero(~gone[units])[0]
             if len(keep) < len(units):
                 keeps[member] = torch.as_tensor(keep, dtype=torch.long)
     return keeps
 
 
+# Layer class -> (parameter name, dim) -> "out" / "in" / None, for layers outside torch.nn
+# (transformers' Conv1D is added by `hf.register_conv1d`).
+ROLES: dict[type, Callable[[str, int], str | None]] = {}
+
+
 def _role(module: nn.Module, local: str, dim: int) -> str | None:
     """"out" / "in" for the standard layers' weights and biases, None for free parameters."""
+    for cls in type(module).__mro__:
+        if cls in ROLES:
+            return ROLES[cls](local, dim)
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and local in ("weight", "bias"):
         return "out" if local == "bias" or dim == 1 else "in"
     if isinstance(module, _CONV_LIKE) and local in ("weight", "bias"):
@@ -172,13 +257,66 @@ def _role(module: nn.Module, local: str, dim: int) -> str | None:
     return None
 
 
+def _rnn_implied_keeps(rnn: nn.RNNBase, units: dict[tuple[int, str], torch.Tensor],
+                       inputs: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    """Every (parameter, dim) keep of an RNN that its hidden units per (layer, direction) and
+    its layer-0 input features imply: gate rows, recurrent columns, next-layer columns."""
+    size = rnn.hidden_size
+    gates = rnn.weight_ih_l0.shape[0] // size
+    directions = ("", "_reverse") if rnn.bidirectional else ("",)
+    implied = {}
+    for (layer, suffix), kept in units.items():
+        tag = f"l{layer}{suffix}"
+        rows = (torch.arange(gates)[:, None] * size + kept).flatten()
+        for name in (f"weight_ih_{tag}", f"weight_hh_{tag}", f"bias_ih_{tag}", f"bias_hh_{tag}"):
+            implied[(name, 0)] = rows
+        implied[(f"weight_hh_{tag}", 1)] = kept
+        below = [units[(layer - 1, s)] + i * size for i, s in enumerate(directions)] if layer else [inputs]
+        implied[(f"weight_ih_{tag}", 1)] = torch.cat(below)
+    return implied
+
+
+def _cut_rnn(rnn: nn.RNNBase, keeps: dict[tuple[str, int], torch.Tensor]) -> None:
+    """Cut an nn.RNN / LSTM / GRU from its (local parameter, dim) keeps.
+
+    Hidden units are read from weight_hh's columns and cut with surgery.keep_hidden_all,
+    layer 0's input features from weight_ih_l0's columns; every other keep must be the one
+    those imply, or the plan does not describe this RNN and nothing is cut.
+    """
+    name = type(rnn).__name__
+    if rnn.proj_size:
+        raise IncompatibleLayer(f"{name} with proj_size={rnn.proj_size}: projected hidden units cannot be pruned")
+    directions = ("", "_reverse") if rnn.bidirectional else ("",)
+    every = torch.arange(rnn.hidden_size)
+    units = {(k, s): keeps.get((f"weight_hh_l{k}{s}", 1), every) for k in range(rnn.num_layers) for s in directions}
+    inputs = keeps.get(("weight_ih_l0", 1), torch.arange(rnn.input_size))
+    implied = _rnn_implied_keeps(rnn, units, inputs)
+    for (local, dim), keep in keeps.items():
+        expected = implied.get((local, dim))
+        if expected is None or not torch.equal(expected, keep.to(expected.dtype)):
+            raise IncompatibleLayer(f"{name}: the keep for {local}:{dim} does not match the hidden units and "
+                                    "the input features kept (the columns of weight_hh and weight_ih_l0)")
+    if any((f"weight_hh_l{k}{s}", 1) in keeps for k, s in units):
+        forward = [units[(k, "")] for k in range(rnn.num_layers)]
+        reverse = [units[(k, "_reverse")] for k in range(rnn.num_layers)] if rnn.bidirectional else None
+        surgery.keep_hidden_all(rnn, forward, reverse)
+    if ("weight_ih_l0", 1) in keeps:
+        surgery.keep_in(rnn, inputs)
+
+
 def apply_keeps(model: nn.Module, keeps: dict[tuple[str, int], torch.Tensor]) -> None:
     """Cut every (parameter, dim) down to its kept positions, module by module."""
+    hf.register_conv1d()
+    tied = _tied_parameters(model)
     calls: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
     heads: dict[int, tuple[nn.MultiheadAttention, torch.Tensor]] = {}
+    recurrent: dict[int, tuple[nn.RNNBase, dict[tuple[str, int], torch.Tensor]]] = {}
     free = []
     for (name, dim), keep in keeps.items():
         module, local, parent = _owner(model, name)
+        if isinstance(module, nn.RNNBase):
+            recurrent.setdefault(id(module), (module, {}))[1][(local, dim)] = keep
+            continue
         if isinstance(module, nn.MultiheadAttention) and local in ("in_proj_weight", "in_proj_bias") and dim == 0:
             head_dim = module.head_dim
             rows = keep[keep < module.embed_dim]
@@ -202,12 +340,39 @@ def apply_keeps(model: nn.Module, keeps: dict[tuple[str, int], torch.Tensor]) ->
         (surgery.keep_out if role == "out" else surgery.keep_in)(module, keep)
     for module, local, dim, keep in free:
         surgery.keep_param_dim(module, local, dim, keep)
+    for module, module_keeps in recurrent.values():
+        _cut_rnn(module, module_keeps)
+    _retie(model, tied)
     surgery.turn_off_nested_tensors(model)
+
+
+def _tied_parameters(model: nn.Module) -> list[tuple[list[str], nn.Parameter]]:
+    """Parameters shared under two or more names (an LM head tied to its embedding)."""
+    shared: dict[int, tuple[list[str], nn.Parameter]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), ([], p))[0].append(name)
+    return [entry for entry in shared.values() if len(entry[0]) > 1]
+
+
+def _retie(model: nn.Module, tied: list[tuple[list[str], nn.Parameter]]) -> None:
+    """Share again a tied parameter that surgery replaced under one of its names."""
+    for names, original in tied:
+        owners = [_owner(model, n)[:2] for n in names]
+        source = next((getattr(m, local) for m, local in owners if getattr(m, local) is not original), None)
+        if source is None:
+            continue
+        for module, local in owners:
+            setattr(module, local, source)
+            if isinstance(module, nn.Linear) and local == "weight":
+                module.out_features, module.in_features = source.shape
+            elif isinstance(module, nn.Embedding) and local == "weight":
+                module.num_embeddings, module.embedding_dim = source.shape
 
 
 # Integer attributes hand-written attention modules keep for their head counts.
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads", "num_key_value_heads",
-                         "n_kv_heads", "kv_heads", "num_kv_heads", "all_head_size", "inner_dim")
+                         "n_kv_heads", "kv_heads", "num_kv_heads", "all_head_size", "inner_dim",
+                         "split_size")
 
 
 def _update_head_counts(model: nn.Module, cut: list[tuple[Group, int]]) -> dict[str, dict[str, int]]:
@@ -218,20 +383,27 @@ def _update_head_counts(model: nn.Module, cut: list[tuple[Group, int]]) -> dict[
     """
     changed: dict[str, dict[str, int]] = {}
     for group, removed in cut:
-        names = [n.rpartition(".")[0] for n, _ in group.members]
-        prefix = names[0]
-        while prefix and not all(n == prefix or n.startswith(prefix + ".") for n in names):
-            prefix = prefix.rpartition(".")[0]
-        owner = model.get_submodule(prefix) if prefix else model
-        if isinstance(owner, nn.MultiheadAttention):
-            continue
         kept = group.size - removed
-        for attribute in HEAD_COUNT_ATTRIBUTES:
-            value = getattr(owner, attribute, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value % group.size == 0:
-                setattr(owner, attribute, value // group.size * kept)
-                changed.setdefault(prefix, {})[attribute] = value // group.size * kept
+        for prefix in _head_owners(group):
+            owner = model.get_submodule(prefix) if prefix else model
+            if isinstance(owner, (nn.MultiheadAttention, nn.ModuleList, nn.Sequential)):
+                continue
+            for attribute in HEAD_COUNT_ATTRIBUTES:
+                value = getattr(owner, attribute, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value % group.size == 0:
+                    setattr(owner, attribute, value // group.size * kept)
+                    changed.setdefault(prefix, {})[attribute] = value // group.size * kept
     return changed
+
+
+def _head_owners(group: Group) -> list[str]:
+    """The modules that may count a head group's heads: the members' common ancestor and
+    each projection's parent (a head group can span layers that share a per-head bias)."""
+    names = [n.rpartition(".")[0] for n, _ in group.members]
+    prefix = names[0]
+    while prefix and not all(n == prefix or n.startswith(prefix + ".") for n in names):
+        prefix = prefix.rpartition(".")[0]
+    return list(dict.fromkeys([prefix] + [n.rpartition(".")[0] for n in names if n]))
 
 
 def _output_shapes(graph) -> list[tuple[int, ...]]:
@@ -241,7 +413,7 @@ def _output_shapes(graph) -> list[tuple[int, ...]]:
 def prune_structured(
     model: nn.Module,
     example_inputs: Any,
-    ratio: float | None = None,
+    ratio: float | dict[str, float] | None = None,
     *,
     target: str | None = None,
     method: str | Criterion = "l2",
@@ -251,6 +423,7 @@ def prune_structured(
     loss_fn: LossFn | None = None,
     round_to: int | None = None,
     ignore: Sequence[str] = (),
+    max_ratio: float | dict[str, float] | None = None,
     seed: int = 0,
 ) -> StructuredPlan:
     """Remove the least important channels / heads of `model` in place; returns the plan.
@@ -258,7 +431,14 @@ def prune_structured(
     `ratio` is the fraction of units removed from each prunable group (scope "local")
     or in total, ranked after dividing by each group's mean score (scope "global", at
     most 90% of any group). `target="macs=0.5"` or `"params=0.3"` instead searches the
-    global ratio that brings that cost to the given fraction of today's.
+    global ratio that brings that cost to the given fraction of today's; the search
+    costs each trial ratio from the traced graph, so it takes about as long as one prune.
+
+    A dict `{glob: fraction}` (matched against member parameter and module names, first
+    matching pattern wins) gives per-group ratios (scope "local"; unmatched groups keep
+    all units). `max_ratio`, a fraction or such a dict, caps the fraction of each
+    group's units removed under every scope and target search (default: no cap
+    locally, 0.9 globally).
     """
     if (ratio is None) == (target is None):
         raise InvalidArgument("give exactly one of ratio (a fraction of units) or target (e.g. 'macs=0.5')")
@@ -269,36 +449,88 @@ def prune_structured(
         raise InvalidArgument(f"unknown unit kind {bad[0]!r}; expected some of {UNIT_KINDS}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
+    if max_ratio is not None:
+        _check_spec("max_ratio", max_ratio, upper_inclusive=True)
     criterion = get_criterion(method, seed=seed)
     if target is not None:
-        return _prune_to_target(model, example_inputs, target, method=criterion, units=units, data=data,
-                                loss_fn=loss_fn, round_to=round_to, ignore=ignore)
-    if not 0.0 <= ratio < 1.0:
-        raise InvalidArgument(f"ratio must be in [0, 1), got {ratio}")
-    graph = trace(model, example_inputs)  # one trace serves the analysis and the shape check
-    shapes = _output_shapes(graph)
-    params_before, _ = count_parameters(model)
-    macs_before, _ = count_macs(model, example_inputs)
+        key, fraction = parse_target(target)
+        scope = "global"
+    else:
+        _check_spec("ratio", ratio, upper_inclusive=False)
+        if isinstance(ratio, dict) and scope != "local":
+            raise InvalidArgument(f"a per-group ratio dict needs scope='local', got scope={scope!r}")
+    # One trace, one analysis and one scoring serve the ratio search and the cut alike.
+    scored = _score(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore)
+    if target is not None:
+        ratio = _search_ratio(model, example_inputs, scored, key, fraction, round_to, max_ratio)
+    chosen = _selection(scored, ratio, scope, round_to, max_ratio)
+    return _cut(model, example_inputs, scored, chosen, criterion.name, ratio)
+
+
+@dataclass
+class _Scored:
+    """What pruning needs from the dense model: its graph and groups, unit scores and costs."""
+
+    graph: Graph
+    analysis: Analysis
+    groups: list[Group]
+    unit_scores: dict[int, np.ndarray]
+    macs: int
+    params: int
+    unit_ids: dict[int, np.ndarray] = field(default_factory=dict)   # group index -> its units, as an array
+
+
+def _macs(graph: Graph, model: nn.Module, example_inputs: Any) -> int:
+    """MACs from the traced graph; a real forward only where the graph cannot tell (an RNN run as one op)."""
+    macs = graph_macs(graph)
+    return count_macs(model, example_inputs)[0] if macs is None else macs
+
+
+def _score(model: nn.Module, example_inputs: Any, criterion: Criterion, calibration: Calibration,
+           units: Sequence[str], ignore: Sequence[str]) -> _Scored:
+    """Trace, group and score `model` once: all that the ratio search and the cut read."""
+    graph = trace(model, example_inputs)
     analysis = analyze_graph(graph)
     groups = [g for g in analysis.groups if g.kind in units and g.prunable_units and not _ignored(g, ignore)]
-    scores = _element_scores(model, criterion, Calibration(data, loss_fn))
+    scores = _element_scores(model, criterion, calibration)
     unit_scores = {g.index: _unit_scores(analysis, g, scores, model) for g in groups}
-    chosen = _choose(analysis, groups, unit_scores, ratio, scope, round_to)
-    by_index = {g.index: g for g in groups}
-    _protect_members(analysis, by_index, chosen, unit_scores)
-    keeps = _keeps(analysis, by_index, chosen)
+    return _Scored(graph, analysis, groups, unit_scores, _macs(graph, model, example_inputs), total_parameters(model),
+                   {g.index: np.asarray(g.units, dtype=np.int64) for g in groups})
+
+
+def _selection(scored: _Scored, ratio: float | dict[str, float], scope: str, round_to: int | None,
+               max_ratio: float | dict[str, float] | None) -> dict[int, list[int]]:
+    """Group index -> positions of the units to cut, members that would lose everything spared."""
+    ratios = _per_group(scored.groups, ratio, 0.0) if isinstance(ratio, dict) else ratio
+    caps = _per_group(scored.groups, max_ratio, 1.0 if scope == "local" else 0.9)
+    chosen = _choose(scored.analysis, scored.groups, scored.unit_scores, ratios, scope, round_to, caps)
+    _protect_members(scored.analysis, {g.index: g for g in scored.groups}, chosen, scored.unit_scores, scored.unit_ids)
+    return chosen
+
+
+def _cut(model: nn.Module, example_inputs: Any, scored: _Scored, chosen: dict[int, list[int]],
+         method: str, ratio: float | dict[str, float]) -> StructuredPlan:
+    """Remove the chosen units from `model`, check its output shapes, and return the plan."""
+    by_index = {g.index: g for g in scored.groups}
+    keeps = _keeps(scored.analysis, by_index, chosen)
     apply_keeps(model, keeps)
     attributes = _update_head_counts(model, [(by_index[gi], len(p)) for gi, p in chosen.items()
                                              if p and by_index[gi].kind == "head"])
-    after = _output_shapes(trace(model, example_inputs))
+    # One real forward, fed and read as the tracer does, checks the cut model runs with the
+    # same output shapes and counts its MACs: cheaper than tracing it again.
+    args, kwargs = _split_inputs(model, example_inputs)
+    macs, output = macs_and_output(model, lambda: model(*args, **kwargs))
+    shapes = _output_shapes(scored.graph)
+    after = [tuple(v.shape) for v in _leaves(output) if isinstance(v, torch.Tensor)]
     if after != shapes:
         raise IncompatibleLayer(f"pruning changed the output shapes {shapes} -> {after}; please report this model")
-    plan = StructuredPlan(criterion.name, float(ratio), params_before=params_before, macs_before=macs_before,
+    plan = StructuredPlan(method, dict(ratio) if isinstance(ratio, dict) else float(ratio),
+                          params_before=scored.params, macs_before=scored.macs,
                           keeps={f"{n}:{d}": k.tolist() for (n, d), k in keeps.items()}, attributes=attributes)
-    plan.groups = [GroupPlan(g.index, g.kind, [f"{n}:{d}" for n, d in g.members], g.size, sorted(chosen.get(g.index, [])))
-                   for g in groups]
-    plan.params_after, _ = count_parameters(model)
-    plan.macs_after, _ = count_macs(model, example_inputs)
+    plan.groups = [GroupPlan(g.index, g.kind, [f"{n}:{d}" for n, d in g.members], g.size,
+                             sorted(chosen.get(g.index, []))) for g in scored.groups]
+    plan.params_after = total_parameters(model)
+    plan.macs_after = macs
     return plan
 
 
@@ -313,21 +545,61 @@ def parse_target(target: str) -> tuple[str, float]:
     return key, fraction
 
 
-def _prune_to_target(model: nn.Module, example_inputs: Any, target: str, **kwargs: Any) -> StructuredPlan:
-    """Bisect the global ratio on copies until the cost is at most the target fraction."""
-    key, fraction = parse_target(target)
-    cost = (lambda m: count_macs(m, example_inputs)[0]) if key == "macs" else (lambda m: count_parameters(m)[0])
-    base = cost(model)
+# Bisection steps of the target search: the ratio is found to within 0.95 / 2**16.
+SEARCH_STEPS = 16
+
+
+def cut_shapes(analysis: Analysis, removed: np.ndarray | Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """Tensor node -> its shape once the units (component ids) `removed` are cut, for every node."""
+    table = analysis.dims
+    kept = np.concatenate([[0], np.cumsum(~_cut_units(analysis, removed)[analysis.component])])
+    sizes = kept[table.offsets[1:]] - kept[table.offsets[:-1]]
+    return {t.index: tuple(int(sizes[table.ids[(t.index, d)]]) for d in range(len(t.shape)))
+            for t in analysis.graph.tensors}
+
+
+def _estimated_cost(scored: _Scored, key: str, chosen: dict[int, list[int]]) -> int:
+    """MACs or parameters the model would have with `chosen` cut, computed from the graph alone."""
+    shapes = cut_shapes(scored.analysis, _removed_ids({g.index: g for g in scored.groups}, chosen, scored.unit_ids))
+    if key == "macs":
+        return graph_macs(scored.graph, shapes)
+    return sum(int(np.prod(shapes[node])) for node in set(scored.graph.parameters.values()))
+
+
+def _trial_cost(model: nn.Module, example_inputs: Any, scored: _Scored, key: str,
+                chosen: dict[int, list[int]]) -> int:
+    """The cost measured on a pruned copy: for graphs whose MACs the graph alone cannot give."""
+    trial = copy.deepcopy(model)
+    plan = _cut(trial, example_inputs, scored, chosen, "trial", 0.0)
+    return plan.macs_after if key == "macs" else plan.params_after
+
+
+def _search_ratio(model: nn.Module, example_inputs: Any, scored: _Scored, key: str, fraction: float,
+                  round_to: int | None, max_ratio: float | dict[str, float] | None) -> float:
+    """The smallest global ratio (to SEARCH_STEPS bisections) whose cost is at most `fraction` of today's.
+
+    The cost of each trial ratio is computed from the kept widths on the dense graph, so
+    the search cuts nothing and costs a fraction of one prune; graphs holding an opaque
+    module (an RNN) fall back to measuring a pruned copy per trial.
+    """
+    opaque = key == "macs" and graph_macs(scored.graph) is None
+    base = scored.macs if key == "macs" else scored.params
+    # the ranking does not depend on the ratio: rank once, and each trial takes a prefix
+    order = _global_order(scored.groups, scored.unit_scores, _per_group(scored.groups, max_ratio, 0.9), round_to)
+    total = sum(g.size for g in scored.groups)
+    by_index = {g.index: g for g in scored.groups}
     low, high = 0.0, 0.95
-    for _ in range(10):
+    for _ in range(SEARCH_STEPS if not opaque else 10):
         mid = (low + high) / 2
-        trial = copy.deepcopy(model)
-        prune_structured(trial, example_inputs, mid, scope="global", **kwargs)
-        if cost(trial) / base > fraction:
+        chosen = _first(*order, int(mid * total))   # as _selection(scored, mid, "global", ...) chooses
+        _protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
+        cost = (_trial_cost(model, example_inputs, scored, key, chosen) if opaque
+                else _estimated_cost(scored, key, chosen))
+        if cost / base > fraction:
             low = mid
         else:
             high = mid
-    return prune_structured(model, example_inputs, high, scope="global", **kwargs)
+    return high
 
 
 def replay(model: nn.Module, plan: StructuredPlan | dict[str, Any]) -> nn.Module:

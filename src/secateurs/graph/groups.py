@@ -49,6 +49,10 @@ class Analysis:
     groups: list[Group]
     unit_of: dict[tuple[str, int], np.ndarray]   # (param, dim) -> component id per position
     unknown_ops: list[str] = field(default_factory=list)
+    # every (tensor node, dim)'s atoms and their component ids: what cutting units does to
+    # each tensor's shape, so a cost can be computed without cutting
+    dims: "_DimTable | None" = None
+    component: np.ndarray | None = None
 
 
 class _DimTable:
@@ -198,27 +202,28 @@ def analyze_graph(graph: Graph) -> Analysis:
                 unit_of[(name, d)] = component[table.atoms((node, d))]
     head_components = {int(component[a]) for l in links for dim, tag in l.tags if tag == "head" for a in table.atoms(dim)}
     groups = _collect_groups(unit_of, blocked_reason, head_components)
-    return Analysis(graph, groups, unit_of, unknown)
+    return Analysis(graph, groups, unit_of, unknown, table, component)
 
 
 def _collect_groups(unit_of: dict[tuple[str, int], np.ndarray], blocked: dict[int, str],
                     heads: set[int]) -> list[Group]:
     """Units that share a parameter dim form one group."""
-    members_of_unit: dict[int, list[tuple[str, int]]] = {}
-    for member, units in unit_of.items():
-        for u in dict.fromkeys(units.tolist()):
-            members_of_unit.setdefault(u, []).append(member)
-    uf = _UnionFind(len(unit_of))
-    member_ids = {m: i for i, m in enumerate(unit_of)}
-    for members in members_of_unit.values():
-        for m in members[1:]:
-            uf.union(member_ids[members[0]], member_ids[m])
+    # members and units as the nodes of one bipartite graph: its components are the groups
+    members_in_order = list(unit_of)
+    arrays = [unit_of[m] for m in members_in_order]
+    all_units = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    n_members, n_nodes = len(arrays), len(arrays) + (int(all_units.max()) + 1 if all_units.size else 0)
+    rows = np.repeat(np.arange(n_members), [len(a) for a in arrays])
+    edges = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, n_members + all_units)), shape=(n_nodes, n_nodes))
+    _, label = connected_components(edges, directed=False)
     by_root: dict[int, list[tuple[str, int]]] = {}
-    for m, i in member_ids.items():
-        by_root.setdefault(uf.find(i), []).append(m)
+    for i, m in enumerate(members_in_order):
+        by_root.setdefault(int(label[i]), []).append(m)
     groups = []
     for members in by_root.values():
-        units = list(dict.fromkeys(u for m in members for u in unit_of[m].tolist()))
+        joined = np.concatenate([unit_of[m] for m in members])
+        values, first = np.unique(joined, return_index=True)
+        units = values[np.argsort(first)].tolist()          # in order of first appearance
         prunable = [u not in blocked for u in units]
         reasons = [blocked[u] for u in units if u in blocked]
         kind = "head" if any(u in heads for u in units) else "channel"

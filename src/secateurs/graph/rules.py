@@ -253,6 +253,56 @@ def unbind(op: OpNode, ctx: Context) -> Links:
     return links
 
 
+def gather(op: OpNode, ctx: Context) -> Links:
+    """out[..., i, ...] = x[..., index[..., i, ...], ...] along one dim: that dim is data-chosen."""
+    x, index, out = _node(op.args[0]), _node(op.args[2]), op.outputs[0]
+    rank = len(ctx.shape(x))
+    d = _dim(op.args[1], rank)
+    links = Links(blocked=[((x, d), "indexed by gather"), ((out, d), "indexed by gather")])
+    for k in range(rank):
+        if k != d and ctx.shape(x)[k] == ctx.shape(out)[k]:
+            links.identity.append(((x, k), (out, k)))
+    if index is not None:
+        _same(links, ctx, index, out)
+    return links
+
+
+def index(op: OpNode, ctx: Context) -> Links:
+    """x[idx0, idx1, ...] with tensor indices: the indexed dims are data-chosen.
+
+    Dims before the first and after the last indexed one keep their channels (at the
+    front and the back of the output); everything else is blocked.
+    """
+    x, out = _node(op.args[0]), op.outputs[0]
+    rank, out_rank = len(ctx.shape(x)), len(ctx.shape(out))
+    indexed = [k for k, ref in enumerate(op.args[1]) if ref is not None]
+    links = Links(blocked=[((x, k), "indexed by a tensor") for k in indexed])
+    if not indexed:
+        _same(links, ctx, x, out)
+        return links
+    first, last = indexed[0], indexed[-1]
+    if last - first + 1 != len(indexed):  # torch moves separated index dims to the front
+        links.blocked += [(d, "indexed by separated tensors") for d in _all_dims(ctx, x) + _all_dims(ctx, out)]
+        return links
+    for k in range(first):
+        links.identity.append(((x, k), (out, k)))
+    for k in range(last + 1, rank):
+        links.identity.append(((x, k), (out, out_rank - (rank - k))))
+    mixed = {first + j for j in range(out_rank - first - (rank - last - 1))}
+    links.blocked += [((out, k), "indexed by a tensor") for k in mixed]
+    return links
+
+
+def scan(op: OpNode, ctx: Context) -> Links:
+    """cumsum / cumprod mix entries along their dim; the others pass through."""
+    x, out = _node(op.args[0]), op.outputs[0]
+    rank = len(ctx.shape(x))
+    d = _dim(op.args[1], rank) if rank else 0
+    links = Links(blocked=[((x, d), "running total along this dim")] if rank else [])
+    _others(links, x, out, rank, d)
+    return links
+
+
 def split(op: OpNode, ctx: Context) -> Links:
     x = _node(op.args[0])
     rank = len(ctx.shape(x))
@@ -413,7 +463,27 @@ def sdpa(op: OpNode, ctx: Context) -> Links:
     links.tags += [((q, 1), "head"), ((k, 1), "head"), ((v, 1), "head"), ((out, 1), "head")]
     reason = "head dim (the attention scale depends on it)"
     links.blocked += [((q, 3), reason), ((k, 3), reason), ((v, 3), reason), ((out, 3), reason)]
+    _attention_mask(links, ctx, op, q, k)
     return links
+
+
+def _attention_mask(links: Links, ctx: Context, op: OpNode, q: int, k: int) -> None:
+    """A mask or bias [batch, heads, queries, keys] (broadcast from the right) follows the scores.
+
+    A per-head bias (T5's relative positions, ALiBi) must lose the heads the queries lose.
+    """
+    mask = op.kwargs.get("attn_mask")
+    if mask is None and "efficient" in op.name and len(op.args) > 3:
+        mask = op.args[3]
+    mask = _node(mask)
+    if mask is None:
+        return
+    scores = [(q, 0), (q, 1), (q, 2), (k, 2)]
+    shape = ctx.shape(mask)
+    for offset in range(1, min(len(shape), 4) + 1):
+        partner = scores[-offset]
+        if shape[-offset] == ctx.shape(partner[0])[partner[1]]:
+            links.identity.append(((mask, len(shape) - offset), partner))
 
 
 def native_mha(op: OpNode, ctx: Context) -> Links:
@@ -454,9 +524,10 @@ sigmoid_ tanh tanh_ hardtanh hardtanh_ hardswish hardswish_ hardsigmoid leaky_re
 elu elu_ mish softplus exp log sqrt rsqrt pow clamp clamp_ clamp_min clamp_max erf where
 masked_fill masked_fill_ maximum minimum clone detach alias _to_copy lift_fresh_copy rsub
 _softmax _log_softmax native_dropout dropout lt le gt ge eq ne logical_not bitwise_not
-reciprocal square fill_ zero_ sign""".split()
+reciprocal square fill_ zero_ sign cos sin bitwise_and bitwise_or bitwise_xor
+logical_and logical_or""".split()
 FRESH = """device empty zeros ones full arange scalar_tensor empty_like zeros_like ones_like
-full_like new_zeros new_ones new_empty new_full rand randn randint""".split()
+full_like new_zeros new_ones new_empty new_full rand randn randint lift_fresh""".split()
 
 RULES: dict[str, Callable[[OpNode, Context], Links]] = {
     **{name: pointwise for name in POINTWISE},
@@ -466,7 +537,8 @@ RULES: dict[str, Callable[[OpNode, Context], Links]] = {
     "view": view, "_unsafe_view": view, "reshape": view,
     "expand": expand, "unsqueeze": unsqueeze, "squeeze": squeeze,
     "slice": slice_, "select": select, "unbind": unbind,
-    "split": split, "split_with_sizes": split, "cat": cat, "stack": stack,
+    "split": split, "split_with_sizes": split, "gather": gather, "index": index,
+    "cumsum": scan, "cumprod": scan, "cat": cat, "stack": stack,
     "native_batch_norm": batch_norm, "_native_batch_norm_legit_no_training": batch_norm,
     "_native_batch_norm_legit": batch_norm,
     "native_layer_norm": layer_norm, "_fused_rms_norm": rms_norm, "native_group_norm": group_norm,
@@ -479,6 +551,85 @@ RULES: dict[str, Callable[[OpNode, Context], Links]] = {
     "_scaled_dot_product_flash_attention": sdpa, "_scaled_dot_product_efficient_attention": sdpa,
     "_native_multi_head_attention": native_mha, "copy_": copy_,
 }
+
+
+# ------------------------------------------------------------------ recurrent modules
+# nn.RNN / LSTM / GRU are recorded by trace.py as one "module.rnn" op. Unit i of the
+# virtual hidden dim is hidden unit i of every layer and of both directions at once:
+# torch keeps one hidden_size for all of them, so a cut that left layers or directions
+# with different widths could not run. Each direction's gate rows (4 for LSTM, 3 for
+# GRU, 1 for RNN, stacked in blocks of hidden_size), its recurrent columns, the next
+# layer's input columns (both directions' halves) and the output's features (forward
+# half then reverse half) all index that one dim, as do the last dims of h_0 / c_0 and
+# h_n / c_n. Layer 0's input columns follow the input's feature dim.
+
+RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _rnn_block_all(op: OpNode, ctx: Context, reason: str) -> Links:
+    nodes = [*op.inputs, *op.outputs]
+    return Links(blocked=[(d, reason) for node in nodes for d in _all_dims(ctx, node)])
+
+
+def _rnn_state(links: Links, ctx: Context, state: int, hidden: int, batch: Dim | None) -> None:
+    """h / c of shape (layers * directions, [batch,] hidden): last dim is the hidden units."""
+    rank = len(ctx.shape(state))
+    links.identity.append(((state, rank - 1), (hidden, 0)))
+    links.blocked.append(((state, 0), "RNN layer and direction index"))
+    if rank == 3 and batch is not None:
+        links.identity.append(((state, 1), batch))
+
+
+def _rnn_weights(links: Links, params: dict, config: dict, hidden: int, features: Dim) -> None:
+    """Gate rows, recurrent columns and input columns of every layer and direction."""
+    size, gates = config["hidden_size"], RNN_GATES[config["mode"]]
+    directions = ("", "_reverse") if config["bidirectional"] else ("",)
+    for layer in range(config["num_layers"]):
+        for suffix in directions:
+            tag = f"l{layer}{suffix}"
+            for name in (f"weight_ih_{tag}", f"weight_hh_{tag}", f"bias_ih_{tag}", f"bias_hh_{tag}"):
+                if name in params:
+                    links.segment += [((params[name].node, 0), (hidden, 0), g * size) for g in range(gates)]
+            links.identity.append(((params[f"weight_hh_{tag}"].node, 1), (hidden, 0)))
+            w_ih = params[f"weight_ih_{tag}"].node
+            if layer == 0:
+                links.identity.append(((w_ih, 1), features))
+            else:
+                links.segment += [((w_ih, 1), (hidden, 0), d * size) for d in range(len(directions))]
+
+
+def rnn_module(op: OpNode, ctx: Context) -> Links:
+    """nn.RNN / LSTM / GRU: hidden units shared by every layer and direction (see above)."""
+    config, params = op.kwargs["config"], op.kwargs["parameters"]
+    x = _node(op.args[0])
+    if x is None:
+        return _rnn_block_all(op, ctx, f"{config['mode']} called on a {op.args[0]} (only plain tensors are followed)")
+    if config["proj_size"]:
+        return _rnn_block_all(op, ctx, f"{config['mode']} with proj_size={config['proj_size']} "
+                                       "(projected hidden units are not prunable yet)")
+    directions = 2 if config["bidirectional"] else 1
+    expected = [f"weight_{kind}_l{k}{s}" for k in range(config["num_layers"]) for kind in ("ih", "hh")
+                for s in (("", "_reverse") if directions == 2 else ("",))]
+    missing = [name for name in expected if name not in params]
+    if missing:
+        return _rnn_block_all(op, ctx, f"{config['mode']} parameter {missing[0]} not found in the graph")
+    links = Links()
+    hidden = ctx.virtual(links, config["hidden_size"])
+    rank = len(ctx.shape(x))
+    _rnn_weights(links, params, config, hidden, (x, rank - 1))
+    out = op.outputs[0]
+    for d in range(rank - 1):
+        links.identity.append(((x, d), (out, d)))
+    links.segment += [((out, rank - 1), (hidden, 0), d * config["hidden_size"]) for d in range(directions)]
+    batch = (x, 0 if config["batch_first"] else 1) if rank == 3 else None
+    given = [_node(v) for arg in op.args[1:] for v in (arg if isinstance(arg, tuple) else (arg,))]
+    for state in [*given, *op.outputs[1:]]:
+        if state is not None:
+            _rnn_state(links, ctx, state, hidden, batch)
+    return links
+
+
+RULES["rnn"] = rnn_module
 
 
 def op_key(op: OpNode) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -55,6 +55,16 @@ class OpNode:
 
 
 @dataclass(frozen=True)
+class ModuleCall:
+    """The target of an op recorded for a whole module call, e.g. "module.rnn"."""
+
+    kind: str
+
+    def __str__(self) -> str:
+        return f"module.{self.kind}"
+
+
+@dataclass(frozen=True)
 class Ref:
     """A tensor argument of an op, as the index of its tensor node."""
 
@@ -91,6 +101,7 @@ class _Recorder(TorchDispatchMode):
         self.module_stack = module_stack
         self.node_of: dict[int, int] = {}       # id(tensor object) -> latest tensor node
         self.alive: list[torch.Tensor] = []     # keeps ids from being reused
+        self.inside_module_op = 0
 
     def register(self, tensor: torch.Tensor, kind: str, name: str | None = None, producer: int | None = None) -> int:
         node = TensorNode(len(self.graph.tensors), tuple(tensor.shape), tensor.dtype, kind, name, producer)
@@ -110,6 +121,8 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.inside_module_op:  # the module is recorded as one op around its call
+            return func(*args, **kwargs)
         inputs: list[int] = []
         ref_args = pytree.tree_map(lambda v: self._ref(v, inputs), args)
         ref_kwargs = pytree.tree_map(lambda v: self._ref(v, inputs), kwargs)
@@ -144,9 +157,95 @@ def _module_stack(model: nn.Module, stack: list[str]) -> Iterator[None]:
             h.remove()
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+def _rnn_config(rnn: nn.RNNBase) -> dict[str, Any]:
+    """What the "rnn" rule needs to know of an nn.RNN / LSTM / GRU."""
+    return {"mode": rnn.mode, "num_layers": rnn.num_layers, "bidirectional": rnn.bidirectional,
+            "batch_first": rnn.batch_first, "hidden_size": rnn.hidden_size, "proj_size": rnn.proj_size,
+            "bias": rnn.bias}
+
+
+# Modules recorded as one op (kind, config), not as the aten ops they run: their fused
+# kernels (mkldnn_rnn_layer, per-gate splits) say nothing a rule could follow, the module does.
+MODULE_OPS: dict[type, tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    nn.RNNBase: ("rnn", _rnn_config),
+}
+
+
+def _module_op(module: nn.Module) -> tuple[str, Callable[[Any], dict[str, Any]]] | None:
+    for cls in type(module).__mro__:
+        if cls in MODULE_OPS:
+            return MODULE_OPS[cls]
+    return None
+
+
+def _opaque_ref(recorder: _Recorder, value: Any, inputs: list[int]) -> Any:
+    """A module argument as a Ref (tuples of them kept), or, for anything else holding
+    tensors (a PackedSequence), its type name: its tensors are read but not described."""
+    if isinstance(value, torch.Tensor) or value is None:
+        return recorder._ref(value, inputs)
+    if type(value) in (tuple, list):
+        return tuple(_opaque_ref(recorder, v, inputs) for v in value)
+    leaves = pytree.tree_leaves(value)
+    for leaf in leaves:
+        recorder._ref(leaf, inputs)
+    return type(value).__name__ if any(isinstance(v, torch.Tensor) for v in leaves) else value
+
+
+@contextlib.contextmanager
+def _module_ops(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
+    """Record each MODULE_OPS module call as one op reading its inputs and parameters.
+
+    The op's args are the call's arguments (tensors as Refs); its kwargs hold
+    "parameters" (local name -> Ref to the parameter's node) and "config".
+    """
+    pending: list[tuple[list[int], tuple, dict]] = []
+
+    def enter(name: str, config: Callable[[Any], dict[str, Any]]):
+        def hook(module, args, kwargs):
+            inputs: list[int] = []
+            ref_args = tuple(_opaque_ref(recorder, v, inputs) for v in (*args, *kwargs.values()))
+            parameters = {}
+            for local, _ in module.named_parameters(recurse=False):
+                node = recorder.graph.parameters.get(f"{name}.{local}" if name else local)
+                if node is not None:
+                    parameters[local] = Ref(node)
+                    inputs.append(node)
+            pending.append((inputs, ref_args, {"parameters": parameters, "config": config(module)}))
+            recorder.inside_module_op += 1
+        return hook
+
+    def leave(name: str, kind: str):
+        def hook(module, args, kwargs, output):
+            recorder.inside_module_op -= 1
+            inputs, ref_args, ref_kwargs = pending.pop()
+            op = OpNode(len(recorder.graph.ops), ModuleCall(kind), ref_args, ref_kwargs, inputs, [], name)
+            recorder.graph.ops.append(op)
+            for value in pytree.tree_leaves(output):
+                if isinstance(value, torch.Tensor):
+                    op.outputs.append(recorder.register(value, "activation", producer=op.index))
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        entry = _module_op(module)
+        if entry is not None:
+            kind, config = entry
+            handles.append(module.register_forward_pre_hook(enter(name, config), with_kwargs=True))
+            handles.append(module.register_forward_hook(leave(name, kind), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
+        kwargs = dict(example_inputs)
+        if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in kwargs:
+            # a Hugging Face KV cache is an output whose widths rightly change with the heads
+            kwargs["use_cache"] = False
+        return (), kwargs
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     return (example_inputs,), {}
@@ -180,7 +279,7 @@ def _run(model: nn.Module, args: tuple, kwargs: dict, fake: bool) -> Graph:
         if isinstance(value, torch.Tensor):
             recorder.register(value, "input", f"input[{i}]")
     args, kwargs = pytree.tree_unflatten(flat, spec)
-    with mode, _module_stack(model, stack), recorder, torch.no_grad():
+    with mode, _module_stack(model, stack), _module_ops(model, recorder), recorder, torch.no_grad():
         output = torch.func.functional_call(model, state, args, kwargs, tie_weights=False, strict=False)
     for value in _leaves(output):
         if isinstance(value, torch.Tensor) and id(value) in recorder.node_of:
@@ -198,7 +297,7 @@ def trace(model: nn.Module, example_inputs: Any) -> Graph:
     """The op graph of `model` on `example_inputs` (a tensor, a tuple of them, or a dict of keyword inputs)."""
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"trace needs an nn.Module, got {type(model).__name__}")
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = _split_inputs(model, example_inputs)
     was_training = model.training
     model.eval()
     try:
