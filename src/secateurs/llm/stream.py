@@ -1,0 +1,392 @@
+"""Pruning a Hugging Face checkpoint larger than memory: weights stream from safetensors shards.
+
+The model is built as a skeleton whose parameters sit on the meta device (no memory);
+buffers are computed as usual, so non-persistent ones such as the rotary `inv_freq`,
+which no checkpoint holds, are right. The modules outside the blocks (embeddings, norms,
+heads) are read from the shards to capture the first block's inputs, then dropped. Each
+block in turn is then read, pruned from its calibration inputs, run to give the next
+block's inputs, written to its own output shard and dropped, so memory holds one block,
+its statistics and the calibration activations, never the model.
+
+Shards are memory-mapped (`safetensors.safe_open`) and each is closed as soon as the
+tensors needed from it are copied out: the pages of a mapping count in the resident set
+while it is open, so keeping a 5 GB shard open would cost 5 GB of RSS.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import FileProblem, MissingData, WeightsMismatch
+from ..io import check_output_dir, staged_output
+from .blocks import BlockLayout, find_blocks
+from .engine import (BlockInputs, LayerReport, LLMConfig, LLMPlan, _as_list, cache_off, capture_inputs, make_config,
+                     prune_block, run_block)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files of a model folder that hold (dense) weights: never copied next to the pruned ones.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+_WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".msgpack.index.json")
+SHARD_BYTES = 1 << 30  # the most non-block bytes per output shard (a larger tensor gets a shard alone)
+
+
+# ------------------------------------------------------------------ reading shards
+
+def _header_sizes(path: Path) -> dict[str, int]:
+    """Tensor name -> stored bytes, from a safetensors header (8-byte length, then JSON)."""
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, ValueError) as exc:
+        raise FileProblem(f"cannot read the safetensors header of {path}: {exc}") from None
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+@dataclass
+class Checkpoint:
+    """A folder of safetensors weights: which shard holds each tensor, and its size."""
+
+    folder: Path
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    sizes: dict[str, int]       # tensor name -> bytes
+
+    @classmethod
+    def open(cls, folder: Path) -> "Checkpoint":
+        """The checkpoint in `folder` (a sharded index or one model.safetensors), or FileProblem."""
+        index = folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise FileProblem(f"{index} is not a safetensors index with a weight_map: {exc}") from None
+        elif (folder / SINGLE_FILE).is_file():
+            weight_map = dict.fromkeys(_header_sizes(folder / SINGLE_FILE), SINGLE_FILE)
+        else:
+            raise FileProblem(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}; streaming needs "
+                              f"safetensors weights (re-save the model with save_pretrained)")
+        sizes: dict[str, int] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileProblem(f"shard {shard} named in {folder / INDEX_FILE} is missing")
+            sizes.update(_header_sizes(folder / shard))
+        absent = [k for k in weight_map if k not in sizes]
+        if absent:
+            raise FileProblem(f"tensors {absent[:3]} are in the index of {folder} but not in their shards")
+        return cls(folder, weight_map, sizes)
+
+    @contextlib.contextmanager
+    def mapped(self, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """The tensors `names` as views of the memory-mapped shards, valid inside the block only."""
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        with contextlib.ExitStack() as stack:
+            tensors = {}
+            for shard, members in by_shard.items():
+                handle = stack.enter_context(safe_open(str(self.folder / shard), framework="pt"))
+                tensors.update((name, handle.get_tensor(name)) for name in members)
+            yield tensors
+
+    def read(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors `names` copied into memory (as `dtype` if floating); the shards are closed after."""
+        names = list(names)
+        out = {}
+        for shard in dict.fromkeys(self.weight_map[n] for n in names):
+            # one shard open at a time, so at most one shard's worth of mapped pages is resident
+            with self.mapped([n for n in names if self.weight_map[n] == shard]) as views:
+                out.update((n, _cast(v, dtype).clone()) for n, v in views.items())
+        return out
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+# ------------------------------------------------------------------ the skeleton
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """While active, every new parameter moves to the meta device as it is registered.
+
+    Buffers stay real, so a module computes its non-persistent buffers (rotary inv_freq,
+    position ids) in its constructor as usual; the parameters, which the checkpoint holds,
+    cost nothing. (The same idea as accelerate's init_empty_weights(include_buffers=False).)
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(folder: Path) -> nn.Module:
+    """The model class named by `folder`/config.json, parameters on the meta device, in eval mode."""
+    import transformers
+
+    from ..hf import _model_class
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FileProblem(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    with _parameters_on_meta():
+        model = _model_class(hf_config)(hf_config)
+    return model.eval()
+
+
+def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make `tensor` the parameter or buffer `name` of `model` (a new Parameter, no copy)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def _drop(model: nn.Module, names: Iterable[str]) -> None:
+    """Send the tensors `names` of `model` back to the meta device, freeing their memory."""
+    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for name in names:
+        _put(model, name, torch.empty_like(state[name], device="meta"))
+
+
+def _checkpoint_names(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """Model tensor name -> its name in the checkpoint, trying the base model prefix both ways.
+
+    A head model's checkpoint may lack its base prefix (a BertModel file loaded as
+    BertForMaskedLM) or a base model's may have it; transformers accepts both, so do we.
+    Raises WeightsMismatch when a parameter is not in the checkpoint (tied copies excepted).
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    stored = checkpoint.weight_map
+    names: dict[str, str] = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        candidates = [name]
+        if prefix:
+            candidates += [name[len(prefix) + 1:] if name.startswith(prefix + ".") else f"{prefix}.{name}"]
+        found = next((c for c in candidates if c in stored), None)
+        if found is not None:
+            names[name] = found
+    missing = [n for n, _ in model.named_parameters() if n not in names]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise WeightsMismatch(f"checkpoint {checkpoint.folder} lacks parameters of {type(model).__name__}: "
+                              f"{', '.join(missing[:3])}{more}")
+    return names
+
+
+# ------------------------------------------------------------------ the output
+
+@dataclass
+class _Layout:
+    """Which checkpoint tensors go where: per block, and the rest (copied through unchanged)."""
+
+    blocks: list[dict[str, str]]   # per block: model name -> checkpoint name
+    outside: dict[str, str]        # model tensors outside the blocks: model name -> checkpoint name
+    passthrough: list[str]         # checkpoint names not in any block (outside + unknown), in order
+
+
+def _split(names: dict[str, str], checkpoint: Checkpoint, blocks_path: str, count: int) -> _Layout:
+    blocks: list[dict[str, str]] = [{} for _ in range(count)]
+    outside: dict[str, str] = {}
+    for model_name, stored in names.items():
+        head, _, rest = model_name.partition(blocks_path + ".")
+        index = rest.split(".", 1)[0] if not head and rest else ""
+        if index.isdigit() and int(index) < count:
+            blocks[int(index)][model_name] = stored
+        else:
+            outside[model_name] = stored
+    in_blocks = {s for block in blocks for s in block.values()}
+    passthrough = [k for k in checkpoint.weight_map if k not in in_blocks]
+    return _Layout(blocks, outside, passthrough)
+
+
+def _pack(names: list[str], sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """`names` in order, cut into groups of at most `limit` bytes (a larger tensor alone)."""
+    groups: list[list[str]] = []
+    total = limit
+    for name in names:
+        if total + sizes[name] > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += sizes[name]
+    return groups
+
+
+@dataclass
+class _ShardWriter:
+    """Writes numbered shards model-0000k-of-0000N.safetensors and, at the end, their index."""
+
+    folder: Path
+    count: int
+    written: int = 0
+    total_size: int = 0
+    weight_map: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.written += 1
+        name = f"model-{self.written:05d}-of-{self.count:05d}.safetensors"
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+        self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.weight_map.update(dict.fromkeys(tensors, name))
+
+    def write_index(self) -> None:
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _is_weights_file(path: Path) -> bool:
+    name = path.name
+    return name.endswith(_WEIGHT_INDEXES) or path.suffix in _WEIGHT_SUFFIXES
+
+
+def _copy_companions(src: Path, stage: Path, dtype: torch.dtype | None) -> None:
+    """Copy config, generation config, tokenizer and other non-weight files of `src` into `stage`."""
+    for item in src.iterdir():
+        if item.name.startswith(".") or _is_weights_file(item):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, stage / item.name, ignore=lambda d, names: [
+                n for n in names if _is_weights_file(Path(d) / n)])
+        elif item.is_file():
+            shutil.copy2(item, stage / item.name)
+    if dtype is not None:
+        config = json.loads((stage / "config.json").read_text())
+        key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+        config[key] = str(dtype).removeprefix("torch.")
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------ checking the folders
+
+def _check_folders(src: str | Path, out: str | Path) -> tuple[Path, Path]:
+    source = Path(src)
+    if not source.is_dir():
+        raise FileProblem(f"model folder src={str(src)!r} does not exist or is not a directory")
+    if not (source / "config.json").is_file():
+        raise FileProblem(f"model folder {src} has no config.json: not a saved Hugging Face model")
+    target = Path(out).resolve()
+    if source.resolve() in target.parents:
+        raise FileProblem(f"output directory {out} is inside the model folder {src}; write it elsewhere")
+    return source, check_output_dir(target, [source])
+
+
+# ------------------------------------------------------------------ the road
+
+def _stream_blocks(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,
+                   inputs: BlockInputs, dtype: torch.dtype | None,
+                   visit: Callable[[int, nn.Module, BlockInputs], None]) -> None:
+    """Load each block in turn, call visit(i, block, inputs), run it for the next inputs, drop it."""
+    for i, block in enumerate(blocks.blocks):
+        names = layout.blocks[i]
+        loaded = checkpoint.read(names.values(), dtype)
+        for model_name, stored in names.items():
+            _put(model, model_name, loaded.pop(stored))
+        visit(i, block, inputs)
+        if i + 1 < len(blocks.blocks):
+            inputs = run_block(block, inputs)
+        _drop(model, names)
+
+
+def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], config: LLMConfig | None = None,
+                     *, dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES,
+                     **overrides: Any) -> LLMPlan:
+    """Prune the Hugging Face model saved in `src` block by block, streaming it; write it to `out`.
+
+    Only one block is in memory at a time, so a model larger than RAM can be pruned. `out`
+    becomes a folder that plain `from_pretrained` loads: one safetensors shard per block
+    plus shards for the other tensors, the index, and src's config, generation config and
+    tokenizer files. `dtype` (say torch.float16) is the dtype the blocks are pruned and
+    written in; None keeps the checkpoint's. Nothing is written to `out` unless the whole
+    run succeeds; `src` is never written.
+    """
+    config = make_config(config, **overrides)
+    batches = _as_list(batches)
+    if not batches:
+        raise MissingData("prune_pretrained needs at least one calibration batch, got an empty list")
+    source, target = _check_folders(src, out)
+    start = time.perf_counter()
+    checkpoint = Checkpoint.open(source)
+    model = build_skeleton(source)
+    blocks = find_blocks(model)
+    layout = _split(_checkpoint_names(model, checkpoint), checkpoint, blocks.blocks_path, len(blocks.blocks))
+    with cache_off(model):
+        inputs = _capture(model, checkpoint, layout, blocks, batches, dtype)
+        ratios = _block_ratios(model, checkpoint, layout, blocks, inputs, config, dtype)
+        passthrough = _pack(layout.passthrough, checkpoint.sizes, shard_bytes)
+        reports: list[LayerReport] = []
+        with staged_output(target) as stage:
+            writer = _ShardWriter(stage, len(passthrough) + len(blocks.blocks))
+
+            def prune_and_write(i: int, block: nn.Module, block_inputs: BlockInputs) -> None:
+                block_config = dataclasses.replace(config, sparsity=ratios[i])
+                reports.extend(prune_block(block, block_inputs, block_config, prefix=f"{blocks.blocks_path}.{i}."))
+                state = dict(block.state_dict(prefix=f"{blocks.blocks_path}.{i}.", keep_vars=True))
+                writer.write({stored: state[name] for name, stored in layout.blocks[i].items()})
+
+            _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype, prune_and_write)
+            for group in passthrough:
+                with checkpoint.mapped(group) as views:
+                    writer.write({n: _cast(v, dtype) for n, v in views.items()})
+            writer.write_index()
+            _copy_companions(source, stage, dtype)
+    block_sparsity = ratios if config.pattern is None else [config.target] * len(ratios)
+    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity)
+
+
+def _capture(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,
+             batches: list[Any], dtype: torch.dtype | None) -> BlockInputs:
+    """The first block's inputs, with the modules outside the blocks loaded just for this."""
+    loaded = checkpoint.read(layout.outside.values(), dtype)
+    for model_name, stored in layout.outside.items():
+        _put(model, model_name, loaded[stored])
+    del loaded
+    try:
+        return capture_inputs(model, blocks, batches)
+    finally:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        _drop(model, [n for n in layout.outside if n in params])
+
+
+def _block_ratios(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,
+                  inputs: BlockInputs, config: LLMConfig, dtype: torch.dtype | None) -> list[float]:
+    """Each block's sparsity: uniform, or OWL's from a first streaming pass over the dense blocks."""
+    count = len(layout.blocks)
+    if config.owl is None:
+        return [config.sparsity] * count
+    from .owl import outlier_ratio, spread
+
+    ratios: list[float] = []
+    _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype,
+                   lambda i, block, block_inputs: ratios.append(
+                       outlier_ratio(block, block_inputs, config, prefix=f"{blocks.blocks_path}.{i}.")))
+    return spread(ratios, config.sparsity, config.owl)
+
+
+__all__ = ["prune_pretrained", "build_skeleton", "Checkpoint"]
