@@ -92,6 +92,37 @@ def test_compensated_llama_saves_for_plain_transformers(tmp_path):
     torch.testing.assert_close(loaded(**batch).logits, expected)
 
 
+def test_prune_structured_compensates_and_the_saved_model_reloads(tmp_path):
+    import secateurs as sc
+
+    def build():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8, bias=False), nn.ReLU(),
+                             nn.Linear(8, 3)).eval()
+
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(4))
+    dense = build()
+    plain, fixed = build(), build()
+    prune_structured(plain, x, 0.5)
+    plan = prune_structured(fixed, x, 0.5, data=[x], compensate=True)
+    assert plan.compensated == ["2", "4"] and plan.added_biases == ["2"]
+    assert fixed[2].bias is not None and plan.params_after == sum(p.numel() for p in fixed.parameters())
+    with torch.no_grad():
+        assert (fixed(x) - dense(x)).pow(2).mean() < (plain(x) - dense(x)).pow(2).mean()
+    sc.save(fixed, tmp_path / "saved", plan)
+    fresh = sc.load(build(), tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), fixed(x), rtol=0, atol=0)
+
+
+def test_prune_structured_compensation_needs_data():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(MissingData, match="compensate=True needs calibration data"):
+        prune_structured(model, torch.randn(2, 4), 0.5, compensate=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
 def test_snapshot_needs_data():
     with pytest.raises(MissingData, match="calibration data"):
         snapshot(nn.Linear(2, 2), Calibration(None))

@@ -161,3 +161,29 @@ def test_save_pretrained_refuses_bad_output(tmp_path):
         assert not (tmp_path / "noplan").exists()
     with pytest.raises(FileProblem, match="config.json"):
         hf.load_pretrained(tmp_path / "full")
+
+
+def test_config_tells_the_pruned_sizes_in_place():
+    model, inputs = _build("llama")
+    prune_structured(model, inputs, 0.5, scope="local")
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+    assert model.config.intermediate_size == 64 and model.config.hidden_size == 32
+
+
+def test_a_cut_that_would_break_the_model_is_refused_and_leaves_it_whole():
+    # Phi-3 slices its fused q/k/v projection with bounds read from the config at run time
+    from secateurs.errors import IncompatibleLayer
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=128, pad_token_id=0,
+                                     bos_token_id=0, eos_token_id=0)
+    model, inputs = transformers.Phi3ForCausalLM(config).eval(), _tokens()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = _logits(model, inputs)
+    with pytest.raises(IncompatibleLayer, match="would break this model") as error:
+        prune_structured(model, inputs, 0.5)
+    assert "\n" not in str(error.value)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.config.num_attention_heads == 4
+    torch.testing.assert_close(_logits(model, inputs), expected)

@@ -26,11 +26,13 @@ def build(name):
 
 @pytest.mark.parametrize("name", PRUNABLE)
 def test_zoo_model_is_really_smaller_and_still_works(name, tmp_path):
+    """The structured issue's zoo check: about half the MACs, and everything still works."""
     model, inputs = build(name)
     with torch.no_grad():
         before = model(*inputs)
     macs, params = count_macs(model, inputs)[0], count_parameters(model)[0]
-    plan = prune_structured(model, inputs, 0.3)
+    plan = prune_structured(model, inputs, target="macs=0.5")
+    assert 0.4 <= plan.macs_after / macs <= 0.5
     out = model(*inputs)
     assert out.shape == before.shape
     out.float().sum().backward()
@@ -61,6 +63,28 @@ def test_macs_target_is_met(name):
     macs = count_macs(model, inputs)[0]
     plan = prune_structured(model, inputs, target="macs=0.5")
     assert 0.35 <= plan.macs_after / macs <= 0.5
+
+
+class FusedSplit(nn.Module):
+    """One projection sliced in two halves by a stored width: the cut cannot update `half`."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out, self.half = nn.Linear(8, 16), nn.Linear(8, 2), 8
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.out(h[:, :self.half] * torch.sigmoid(h[:, self.half:]))
+
+
+def test_a_cut_that_would_break_the_model_is_refused_before_touching_it():
+    from secateurs.errors import IncompatibleLayer
+    model, x = FusedSplit().eval(), torch.randn(4, 8)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(IncompatibleLayer, match="would break this model.*left unchanged"):
+        prune_structured(model, x, 0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.proj.out_features == 16
 
 
 class RolledFeatures(nn.Module):

@@ -35,7 +35,7 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
 
 
-def _out_in(module: nn.Module) -> torch.Tensor:
+def out_in(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (transformers' Conv1D stores [in, out])."""
     return module.weight.detach().t() if _is_conv1d(module) else module.weight.detach()
 
@@ -58,7 +58,7 @@ def snapshot(model: nn.Module, calibration: Calibration) -> Snapshot:
     with eval_mode(model), torch.no_grad(), forward_hooks({m: hook(n) for n, m in layers.items()}):
         run_batches(model, calibration)
     means = {n: (sums[n] / counts[n]).float() for n in sums}
-    return Snapshot({n: _out_in(layers[n]) for n in means}, means)
+    return Snapshot({n: out_in(layers[n]) for n in means}, means)
 
 
 def _kept(plan_keeps: dict[str, list[int]], name: str, dim: int) -> list[int] | None:
@@ -84,12 +84,13 @@ def compensate(model: nn.Module, snap: Snapshot, keeps: dict[str, list[int]]) ->
         kept_out = _kept(keeps, f"{name}.weight", 1 - in_dim)
         if kept_out is not None:
             delta = delta[torch.as_tensor(kept_out, dtype=torch.long)]
-        _add_bias(module, delta)
+        add_bias(module, delta)
         changed.append(name)
     return changed
 
 
-def _add_bias(module: nn.Module, delta: torch.Tensor) -> None:
+def add_bias(module: nn.Module, delta: torch.Tensor) -> None:
+    """Add `delta` to the module's bias, creating the bias (as `delta`) where there is none."""
     bias = getattr(module, "bias", None)
     with torch.no_grad():
         if bias is None:

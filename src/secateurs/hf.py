@@ -181,6 +181,22 @@ def fit_config(model: nn.Module) -> Any | None:
     return config if _missing_biases(model, config) is not None else None
 
 
+def update_config(model: nn.Module) -> bool:
+    """Rewrite `model.config` in place to the pruned sizes, where one config can describe them; returns whether it did.
+
+    Some models read widths from their config at run time (Phi-3 slices its fused q/k/v
+    projection by `num_attention_heads * head_dim`), and a config that tells the truth is
+    what `save_pretrained` writes.
+    """
+    fitted = fit_config(model)
+    if fitted is None:
+        return False
+    for key, value in fitted.to_dict().items():
+        if key != "transformers_version" and getattr(model.config, key, None) != value:
+            setattr(model.config, key, value)
+    return True
+
+
 _BIAS_FLAGS = ("mlp_bias", "attention_bias")
 
 

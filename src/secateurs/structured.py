@@ -12,20 +12,25 @@ of its weights: say "remove half the channels", not "half the parameters". Use a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from . import compensate as bias_compensation
 from . import hf, surgery
 from .api import check_ratio
 from .criteria import Calibration, Criterion, get_criterion
 from .criteria.base import LossFn
-from .errors import IncompatibleLayer, InvalidArgument
+from .errors import IncompatibleLayer, InvalidArgument, MissingData
 from .graph import trace
 from .graph.groups import Analysis, Group, analyze_graph
 from .graph.trace import Graph, _leaves, _split_inputs
@@ -59,6 +64,8 @@ class StructuredPlan:
     macs_after: int = 0
     keeps: dict[str, list[int]] = field(default_factory=dict)            # "param:dim" -> kept positions
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> changed int attributes
+    compensated: list[str] = field(default_factory=list)   # linear layers whose bias absorbed removed inputs
+    added_biases: list[str] = field(default_factory=list)  # of those, the ones that had no bias before
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -424,6 +431,7 @@ def prune_structured(
     round_to: int | None = None,
     ignore: Sequence[str] = (),
     max_ratio: float | dict[str, float] | None = None,
+    compensate: bool = False,
     seed: int = 0,
 ) -> StructuredPlan:
     """Remove the least important channels / heads of `model` in place; returns the plan.
@@ -439,6 +447,11 @@ def prune_structured(
     all units). `max_ratio`, a fraction or such a dict, caps the fraction of each
     group's units removed under every scope and target search (default: no cap
     locally, 0.9 globally).
+
+    `compensate=True` (needs `data`) folds the mean contribution of every removed input
+    of a linear layer into that layer's bias (FLAP's bias compensation; a bias is added
+    where there was none): a cheap, training-free repair that matters most for
+    transformers pruned without recovery. Conv layers are not compensated.
     """
     if (ratio is None) == (target is None):
         raise InvalidArgument("give exactly one of ratio (a fraction of units) or target (e.g. 'macs=0.5')")
@@ -451,6 +464,8 @@ def prune_structured(
         raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
     if max_ratio is not None:
         _check_spec("max_ratio", max_ratio, upper_inclusive=True)
+    if compensate and data is None:
+        raise MissingData("compensate=True needs calibration data (data=...) for the mean inputs it folds in")
     criterion = get_criterion(method, seed=seed)
     if target is not None:
         key, fraction = parse_target(target)
@@ -464,7 +479,21 @@ def prune_structured(
     if target is not None:
         ratio = _search_ratio(model, example_inputs, scored, key, fraction, round_to, max_ratio)
     chosen = _selection(scored, ratio, scope, round_to, max_ratio)
-    return _cut(model, example_inputs, scored, chosen, criterion.name, ratio)
+    dense = bias_compensation.snapshot(model, Calibration(data, loss_fn)) if compensate else None
+    plan = _cut(model, example_inputs, scored, chosen, criterion.name, ratio)
+    if dense is not None:
+        _compensate(model, dense, plan)
+    return plan
+
+
+def _compensate(model: nn.Module, dense: bias_compensation.Snapshot, plan: StructuredPlan) -> None:
+    """Fold the removed inputs' means into the biases and record it in `plan` (so replay adds the biases)."""
+    had_bias = {name for name, m in model.named_modules() if getattr(m, "bias", None) is not None}
+    plan.compensated = bias_compensation.compensate(model, dense, plan.keeps)
+    plan.added_biases = [name for name in plan.compensated if name not in had_bias]
+    plan.params_after = total_parameters(model)
+    if hf.is_hf_model(model):
+        hf.update_config(model)
 
 
 @dataclass
@@ -509,21 +538,30 @@ def _selection(scored: _Scored, ratio: float | dict[str, float], scope: str, rou
 
 
 def _cut(model: nn.Module, example_inputs: Any, scored: _Scored, chosen: dict[int, list[int]],
-         method: str, ratio: float | dict[str, float]) -> StructuredPlan:
-    """Remove the chosen units from `model`, check its output shapes, and return the plan."""
+         method: str, ratio: float | dict[str, float], check: bool = True) -> StructuredPlan:
+    """Remove the chosen units from `model`, check its output shapes, and return the plan.
+
+    With `check`, the cut is first rehearsed on a copy without data (`_rehearse`): a
+    model the cut would break is refused before it is touched.
+    """
     by_index = {g.index: g for g in scored.groups}
     keeps = _keeps(scored.analysis, by_index, chosen)
-    apply_keeps(model, keeps)
-    attributes = _update_head_counts(model, [(by_index[gi], len(p)) for gi, p in chosen.items()
-                                             if p and by_index[gi].kind == "head"])
-    # One real forward, fed and read as the tracer does, checks the cut model runs with the
-    # same output shapes and counts its MACs: cheaper than tracing it again.
-    args, kwargs = _split_inputs(model, example_inputs)
-    macs, output = macs_and_output(model, lambda: model(*args, **kwargs))
+    heads = [(by_index[gi], len(p)) for gi, p in chosen.items() if p and by_index[gi].kind == "head"]
     shapes = _output_shapes(scored.graph)
-    after = [tuple(v.shape) for v in _leaves(output) if isinstance(v, torch.Tensor)]
-    if after != shapes:
-        raise IncompatibleLayer(f"pruning changed the output shapes {shapes} -> {after}; please report this model")
+    if check and keeps:
+        _rehearse(model, example_inputs, keeps, heads, shapes, fake=scored.graph.fake)
+    attributes = _apply(model, keeps, heads)
+    if check and scored.graph.fake and graph_macs(scored.graph) is not None:
+        # the rehearsal checked the output shapes; the graph gives the MACs of the cut widths
+        macs = _estimated_cost(scored, "macs", chosen)
+    else:
+        # one real forward, fed and read as the tracer does, checks the output shapes and
+        # counts the MACs (an RNN run as one op needs it): cheaper than tracing again
+        args, kwargs = _split_inputs(model, example_inputs)
+        macs, output = macs_and_output(model, lambda: model(*args, **kwargs))
+        after = [tuple(v.shape) for v in _leaves(output) if isinstance(v, torch.Tensor)]
+        if after != shapes:
+            raise IncompatibleLayer(f"pruning changed the output shapes {shapes} -> {after}; please report this model")
     plan = StructuredPlan(method, dict(ratio) if isinstance(ratio, dict) else float(ratio),
                           params_before=scored.params, macs_before=scored.macs,
                           keeps={f"{n}:{d}": k.tolist() for (n, d), k in keeps.items()}, attributes=attributes)
@@ -532,6 +570,87 @@ def _cut(model: nn.Module, example_inputs: Any, scored: _Scored, chosen: dict[in
     plan.params_after = total_parameters(model)
     plan.macs_after = macs
     return plan
+
+
+def _apply(model: nn.Module, keeps: dict[tuple[str, int], torch.Tensor],
+           heads: list[tuple[Group, int]]) -> dict[str, dict[str, int]]:
+    """Cut `model` to `keeps`, update its head counts and, for a Hugging Face model, its config."""
+    apply_keeps(model, keeps)
+    attributes = _update_head_counts(model, heads)
+    if hf.is_hf_model(model):
+        hf.update_config(model)
+    return attributes
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device (no memory, no data)."""
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _rehearse(model: nn.Module, example_inputs: Any, keeps: dict[tuple[str, int], torch.Tensor],
+              heads: list[tuple[Group, int]], shapes: list[tuple[int, ...]], fake: bool) -> None:
+    """Cut a data-free copy of `model` and run it on fake tensors; raise if the cut would break it.
+
+    A model can hold widths the graph does not show (Phi-3 slices its fused q/k/v
+    projection with bounds read from its config): such a model fails here, while the
+    user's model is still whole. Models the tracer could only run for real (data-
+    dependent control flow) are rehearsed on a real copy instead.
+    """
+    devices = {n: t.device for n, t in list(model.named_parameters(remove_duplicate=False))
+               + list(model.named_buffers(remove_duplicate=False))}
+    rehearsal = _skeleton(model) if fake else copy.deepcopy(model)
+    try:
+        _apply(rehearsal, keeps, heads)
+        args, kwargs = _split_inputs(rehearsal, example_inputs)
+        if fake:
+            after = _fake_output_shapes(rehearsal, devices, args, kwargs)
+        else:
+            with torch.no_grad():
+                after = [tuple(v.shape) for v in _leaves(rehearsal.eval()(*args, **kwargs))
+                         if isinstance(v, torch.Tensor)]
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IncompatibleLayer(f"the cut would break this model ({first}); it was left unchanged: "
+                                "leave the failing layers out with ignore=[...]") from None
+    if after != shapes:
+        raise IncompatibleLayer(f"the cut would change the output shapes {shapes} -> {after}; "
+                                "the model was left unchanged: please report it")
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Silence FakeTensorMode's traceback log: a failing rehearsal is reported as one line instead."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _fake_output_shapes(model: nn.Module, devices: dict[str, torch.device], args: tuple,
+                        kwargs: dict) -> list[tuple[int, ...]]:
+    """Output shapes of `model` run under FakeTensorMode, its tensors stood in for by fakes of their shapes."""
+    with _quiet_fake_tensor_log(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        state = {n: torch.empty(t.shape, dtype=t.dtype, device=devices[n])
+                 for n, t in list(model.named_parameters(remove_duplicate=False))
+                 + list(model.named_buffers(remove_duplicate=False))}
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        flat = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
+        args, kwargs = pytree.tree_unflatten(flat, spec)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                output = torch.func.functional_call(model, state, args, kwargs, tie_weights=False, strict=False)
+        finally:
+            model.train(was_training)
+    return [tuple(v.shape) for v in _leaves(output) if isinstance(v, torch.Tensor)]
 
 
 def parse_target(target: str) -> tuple[str, float]:
@@ -570,7 +689,7 @@ def _trial_cost(model: nn.Module, example_inputs: Any, scored: _Scored, key: str
                 chosen: dict[int, list[int]]) -> int:
     """The cost measured on a pruned copy: for graphs whose MACs the graph alone cannot give."""
     trial = copy.deepcopy(model)
-    plan = _cut(trial, example_inputs, scored, chosen, "trial", 0.0)
+    plan = _cut(trial, example_inputs, scored, chosen, "trial", 0.0, check=False)
     return plan.macs_after if key == "macs" else plan.params_after
 
 
@@ -614,4 +733,10 @@ def replay(model: nn.Module, plan: StructuredPlan | dict[str, Any]) -> nn.Module
         owner = model.get_submodule(module_name) if module_name else model
         for attribute, value in changes.items():
             setattr(owner, attribute, value)
+    for name in record.get("added_biases", []):
+        # compensation created these biases: zeros here, their values come with the weights
+        module = model.get_submodule(name)
+        bias_compensation.add_bias(module, torch.zeros(bias_compensation.out_in(module).shape[0]))
+    if hf.is_hf_model(model):
+        hf.update_config(model)
     return model
