@@ -18,7 +18,7 @@ from secateurs.errors import FileProblem, InvalidArgument  # noqa: E402
 from secateurs.llm.data import (  # noqa: E402
     KJV_HELDOUT_BOOKS, calibration_windows, heldout_tokens, kjv_path, kjv_split, kjv_verses, tokenize_file)
 from secateurs.llm.evaluate import (  # noqa: E402
-    embedding_fidelity, pair_spearman, perplexity, sentence_embeddings, strided_perplexity)
+    embedding_fidelity, pair_spearman, perplexity, sentence_embeddings, strided_perplexity, unigram_perplexity)
 from secateurs.llm.tiny import train_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,6 +190,17 @@ def test_perplexity_refuses_bad_windows():
         perplexity(model, tokens, window=1)
     with pytest.raises(InvalidArgument, match="1 tokens"):
         perplexity(model, tokens[:1])
+
+
+def test_unigram_perplexity_is_the_smoothed_frequency_baseline():
+    train = torch.tensor([0, 0, 0, 1])                      # counts +1: 4, 2, 1 of 7 (vocab 3)
+    held = torch.tensor([0, 1, 2])
+    expected = math.exp(-(math.log(4 / 7) + math.log(2 / 7) + math.log(1 / 7)) / 3)
+    assert unigram_perplexity(train, held, vocab=3) == pytest.approx(expected)
+    uniform = torch.arange(10)
+    assert unigram_perplexity(uniform, uniform, vocab=10) == pytest.approx(10.0)   # no preference: vocab
+    with pytest.raises(InvalidArgument, match="vocab=2"):
+        unigram_perplexity(train, held, vocab=2)
 
 
 # ------------------------------------------------------------------------------ encoders

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from secateurs.errors import FileProblem, MissingData
+from secateurs.errors import FileProblem, InvalidArgument, MissingData, WeightsMismatch
 from secateurs.llm import LLMConfig, prune_llm
 from secateurs.llm import stream
 from secateurs.llm.stream import prune_pretrained
@@ -152,3 +153,103 @@ def test_dtype_prunes_and_writes_in_that_dtype(llama_dir, batches, tmp_path, one
     prune_llm(expected, batches, config)
     want, got = expected.state_dict(), pruned.state_dict()
     assert all(got[k].dtype == torch.float64 and torch.equal(got[k], want[k]) for k in want)
+
+
+def _break_checkpoint(folder: Path, case: str) -> None:
+    """Damage a copy of a sharded checkpoint the way `case` says."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / stream.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
+    name = "model.layers.0.mlp.down_proj.weight"
+    shard = folder / weight_map[name]
+    if case == "missing_tensor":
+        del weight_map[name]
+    elif case == "wrong_shape":
+        tensors = load_file(shard)
+        tensors[name] = tensors[name][:, :-1].contiguous()
+        save_file(tensors, shard, metadata={"format": "pt"})
+    elif case == "missing_shard":
+        shard.unlink()
+    elif case == "not_in_its_shard":
+        weight_map[name] = next(s for s in sorted(set(weight_map.values())) if s != shard.name)
+    elif case == "corrupt_shard":
+        shard.write_bytes(b"\xff" * 64)
+    elif case == "truncated_shard":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    index_path.write_text(json.dumps(index))
+
+
+DAMAGE = {
+    "missing_tensor": (WeightsMismatch, "lacks parameters of LlamaForCausalLM: model.layers.0.mlp.down_proj"),
+    "wrong_shape": (WeightsMismatch, r"down_proj.weight is \[64, 127\], expected \[64, 128\]"),
+    "missing_shard": (FileProblem, "shard model-.* named in .* is missing"),
+    "not_in_its_shard": (FileProblem, "are in the index of .* but not in their shards"),
+    "corrupt_shard": (FileProblem, "cannot read the safetensors header .* exceeds the file size"),
+    "truncated_shard": (FileProblem, "cannot read the safetensors header .* shorter than its header says"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_checkpoint_is_refused_before_any_work(llama_dir, batches, tmp_path, case):
+    error, message = DAMAGE[case]
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    _break_checkpoint(src, case)
+    with pytest.raises(error, match=message) as caught:
+        prune_pretrained(src, tmp_path / "out", batches, LLMConfig())
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dtype="float16"), "dtype must be None or a floating torch dtype.*got 'float16'"),
+    (dict(dtype=torch.int8), "dtype must be .* got torch.int8"),
+    (dict(shard_bytes=0), "shard_bytes must be a positive integer .* got 0"),
+    (dict(method="obs"), "method must be one of .* got 'obs'"),
+], ids=["dtype-string", "dtype-int", "shard-bytes", "method"])
+def test_bad_options_are_refused(llama_dir, batches, tmp_path, options, message):
+    with pytest.raises(InvalidArgument, match=message):
+        prune_pretrained(llama_dir, tmp_path / "out", batches, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_block_being_pruned_is_in_memory(llama_dir, batches, tmp_path, monkeypatch, one_thread):
+    skeleton, real_blocks, outside_real = [], [], []
+    build, prune = stream.build_skeleton, stream.prune_block
+
+    def watching(block, inputs, config, prefix=""):
+        model = skeleton[0]
+        real_blocks.append([i for i, b in enumerate(model.model.layers)
+                            if any(p.device.type != "meta" for p in b.parameters())])
+        outside_real.append([n for n, p in model.named_parameters() if ".layers." not in n and p.device.type != "meta"])
+        return prune(block, inputs, config, prefix)
+
+    monkeypatch.setattr(stream, "build_skeleton", lambda folder: skeleton.append(build(folder)) or skeleton[0])
+    monkeypatch.setattr(stream, "prune_block", watching)
+    prune_pretrained(llama_dir, tmp_path / "out", batches, LLMConfig())
+    assert real_blocks == [[0], [1], [2]]
+    assert outside_real == [[], [], []]  # embeddings and head are dropped once the first inputs are captured
+
+
+def test_single_file_untied_checkpoint_copies_the_rest_byte_for_byte(batches, tmp_path, one_thread):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    assert (tmp_path / "src" / "model.safetensors").is_file()  # one file, no index
+    prune_pretrained(tmp_path / "src", tmp_path / "out", batches, LLMConfig(method="magnitude"))
+
+    expected = in_memory(tmp_path / "src", batches, LLMConfig(method="magnitude"))
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    want, got = expected.state_dict(), pruned.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert pruned.lm_head.weight is not pruned.model.embed_tokens.weight
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as dense, \
+            safe_open(str(tmp_path / "out" / index["weight_map"]["lm_head.weight"]), "pt") as copied:
+        assert sorted(copied.keys()) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+        assert all(torch.equal(copied.get_tensor(k), dense.get_tensor(k)) for k in copied.keys())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,12 +17,12 @@ from rich.table import Table
 from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
 from .criteria import CRITERIA, get_criterion
+from .criteria.base import LOSSES
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, save, sparse_bytes, staged_output
 from .measure import count_parameters, measure
-from .structured import parse_target, prune_structured
+from .structured import BUDGETS, UNIT_KINDS, Target, parse_target, prune_structured
 
-LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 ROWS = ("accuracy", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes", "latency_ms")
 
 
@@ -59,17 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a CNN on digits, prune it, fine-tune, compare")
     _add_selection(demo)
     demo.add_argument("--structured", action="store_true", help="remove whole channels (default target macs=0.5)")
-    demo.add_argument("--target", default=None, help="structured budget, e.g. macs=0.5 or params=0.3")
+    demo.add_argument("--target", default=None, help="structured budget: macs=0.5, params=0.3, bytes=0.5 (fractions) or latency_ms=5 (at --threads)")
     demo.add_argument("--out", default="runs/demo", help="directory for metrics.json and the pruned model")
     demo.add_argument("--finetune-epochs", type=int, default=3)
     demo.add_argument("--threads", type=int, default=1, help="CPU threads for latency measurement")
 
-    p = sub.add_parser("prune", help="prune your own model")
-    p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
-    p.add_argument("--weights", required=True, help=".safetensors, or a torch file of plain tensors")
+    p = sub.add_parser("prune", help="prune your own model, or a Hugging Face model folder (--hf)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="MODULE:FACTORY", help="e.g. mypkg.models:build (with --weights)")
+    source.add_argument("--hf", metavar="PATH", help="a Hugging Face causal LM or encoder folder, loaded offline")
+    p.add_argument("--weights", default=None, help="with --model: .safetensors, or a torch file of plain tensors")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file (only files you trust)")
     _add_selection(p)
-    p.add_argument("--calib", default=None, help="calibration tensors: .safetensors or .pt with 'inputs' (and 'targets')")
+    p.add_argument("--calib", default=None, help="calibration: with --model a .safetensors or .pt file with 'inputs' "
+                   "(and 'targets'); with --hf a plain text or JSONL file")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy")
@@ -79,11 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-incompatible", action="store_true", help="with --pattern, skip layers whose width does not divide")
     p.add_argument("--structured", action="store_true", help="remove whole channels / heads instead of masking weights")
     p.add_argument("--ratio", type=_ratio, default=None, help="structured: fraction of each group's channels removed")
-    p.add_argument("--target", default=None, help="structured: budget such as macs=0.5 or params=0.3")
+    p.add_argument("--target", default=None, help="structured budget: macs=0.5, params=0.3, bytes=0.5 (fractions) or latency_ms=5 (at --threads)")
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (else the first calib input)")
     p.add_argument("--out", required=True, help="output directory (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
     p.add_argument("--threads", type=int, default=1)
+    _add_hf_options(p)
 
     a = sub.add_parser("analyze", help="show every group of coupled channels and what blocks it")
     a.add_argument("--model", required=True, metavar="MODULE:FACTORY")
@@ -101,7 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", required=True, help="report directory (created; never a run directory)")
     rep.add_argument("--overwrite", action="store_true", help="replace files in a non-empty report directory")
+    _add_sensitivity(sub)
     return parser
+
+
+def _add_hf_options(p: argparse.ArgumentParser) -> None:
+    """The options of `prune --hf` (see docs/llm.md); all default to None / False so a stray one is caught."""
+    hf = p.add_argument_group("Hugging Face models (--hf)")
+    hf.add_argument("--calib-windows", type=int, default=None, metavar="N", help="calibration windows (default 128)")
+    hf.add_argument("--seqlen", type=int, default=None, metavar="L", help="tokens per calibration window (default 512)")
+    hf.add_argument("--owl", type=_ratio, default=None, metavar="LAMBDA", help="outlier-weighted block sparsities (OWL)")
+    hf.add_argument("--eval", default=None, metavar="FILE", help="held-out text: perplexity (causal LM) or "
+                    "embedding cosine to the dense model (encoder), before and after")
+    hf.add_argument("--stream", action="store_true", help="stream weights from the safetensors shards, one block at a time")
+    hf.add_argument("--units", nargs="+", choices=UNIT_KINDS, default=None, help="structured: what to remove")
+    hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
+    hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
+
+
+# argparse dests of the options that belong to one source only
+_HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers")
+_MODEL_ONLY = ("weights", "trust_pickle", "input_shape", "types", "include", "prune_last", "skip_incompatible",
+               "max_batches")
+
+
+def _refuse_given(args: argparse.Namespace, names: Sequence[str], source: str) -> None:
+    given = [n for n in names if getattr(args, n) not in (None, False)]
+    if given:
+        raise InvalidArgument(f"--{given[0].replace('_', '-')} does not apply with {source}")
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -143,7 +175,8 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
     before = measure(model, example, threads=args.threads, evaluate=evaluate)
     with console.status(f"pruning with {args.method}"):
         if args.structured:
-            plan = prune_structured(model, example, target=args.target or "macs=0.5", method=args.method,
+            plan = prune_structured(model, example, target=_at_threads(args.target or "macs=0.5", args.threads),
+                                    method=args.method,
                                     data=data.train_batches()[:8], loss_fn=F.cross_entropy, ignore=args.ignore,
                                     seed=args.seed)
         else:
@@ -213,7 +246,22 @@ def _check_structured(args: argparse.Namespace) -> None:
     get_criterion(args.method or "l2")
 
 
+def _at_threads(target: str | None, threads: int) -> str | None:
+    """A latency target without a thread count of its own is timed at --threads, as the measurements are."""
+    if target is None:
+        return None
+    budget = parse_target(target)
+    if not BUDGETS[budget.key].absolute or budget.threads is not None:
+        return target
+    return str(Target(budget.key, budget.value, threads))
+
+
 def run_prune(args: argparse.Namespace, console: Console) -> int:
+    if args.hf is not None:
+        return run_prune_hf(args, console)
+    _refuse_given(args, _HF_ONLY, "--model (it is for --hf)")
+    if args.weights is None:
+        raise InvalidArgument("--model needs --weights (a .safetensors file or a torch file of plain tensors)")
     if args.structured:
         _check_structured(args)
         args.method = args.method or "l2"
@@ -239,7 +287,8 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
         raise InvalidArgument(f"the model does not run on the calibration inputs: {str(exc).splitlines()[0]}") from None
     if args.structured:
         with console.status(f"removing channels ({args.method})"):
-            plan = prune_structured(model, example, args.ratio, target=args.target, method=args.method, data=data,
+            plan = prune_structured(model, example, args.ratio, target=_at_threads(args.target, args.threads),
+                                    method=args.method, data=data,
                                     loss_fn=LOSSES[args.loss], ignore=args.ignore, seed=args.seed)
         return _finish_prune(args, console, model, plan, before, measured(model),
                              f"{args.model}, structured {plan.method}: MACs {plan.macs_after / plan.macs_before:.1%} of before")
@@ -262,6 +311,49 @@ def _finish_prune(args, console, model, plan, before, after, title: str) -> int:
     console.print(_table(title, before, after))
     console.print(f"wrote the pruned model, plan.json and metrics.json to {args.out}/")
     return 0
+
+
+def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
+    """`prune --hf`: the whole run is `llm.pipeline.prune_checkpoint`; this prints its metrics."""
+    _refuse_given(args, _MODEL_ONLY, "--hf (it is for --model)")
+    if args.calib is None:
+        raise InvalidArgument("--hf needs --calib FILE: plain text or JSONL, tokenized into calibration windows")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing may download
+    import transformers
+
+    from .llm.pipeline import prune_checkpoint
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    given = {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "seed": args.seed,
+             "calib_windows": args.calib_windows, "seqlen": args.seqlen, "owl": args.owl, "eval_file": args.eval,
+             "stream": args.stream, "structured": args.structured, "ratio": args.ratio, "target": args.target,
+             "units": args.units, "compensate": args.compensate, "drop_layers": args.drop_layers,
+             "ignore": args.ignore, "overwrite": args.overwrite}
+    with console.status("pruning") as status:
+        metrics = prune_checkpoint(args.hf, args.out, args.calib, on_stage=status.update,
+                                   **{k: v for k, v in given.items() if v is not None})
+    console.print(_hf_table(metrics))
+    how = ("plain transformers loads it" if metrics["saved_as"] == "transformers"
+           else "secateurs.hf.load_pretrained loads it")
+    console.print(f"wrote the pruned model, tokenizer, metrics.json and report.md to {args.out}/ ({how})")
+    return 0
+
+
+def _hf_table(metrics: dict[str, Any]) -> Table:
+    """Before / after of a `prune --hf` run: parameters, non-zeros, MACs and quality where measured."""
+    rows = {"params": metrics["params"], "nonzeros": metrics["nonzeros"], **(
+        {"macs": metrics["pruning"]["macs"]} if "macs" in metrics["pruning"] else {})}
+    if metrics["eval"]:
+        rows[metrics["eval"]["metric"]] = metrics["eval"]
+    table = Table(title=f"{metrics['model']['architecture']}: {metrics['mode']}, {metrics['config']['method']}")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="right" if column else "left")
+    for key, row in rows.items():
+        table.add_row(key, *(("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
+                             for v in (row["before"], row["after"])))
+    table.add_row("seconds", "", f"{metrics['seconds']['total']:.1f}")
+    return table
 
 
 def run_analyze(args: argparse.Namespace, console: Console) -> int:
@@ -322,7 +414,66 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMANDS = {"demo": run_demo, "prune": run_prune, "analyze": run_analyze, "run": run_run, "report": run_report}
+def _add_sensitivity(sub: Any) -> None:
+    from .sensitivity import DEFAULT_RATIOS, METRICS, MODES
+
+    s = sub.add_parser("sensitivity", help="per group, the metric against the pruning ratio: table, plot, cache")
+    s.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
+    s.add_argument("--weights", required=True, help=".safetensors, or a torch file of plain tensors")
+    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file (only files you trust)")
+    s.add_argument("--calib", required=True, help="tensors 'inputs' and 'targets' the metric is measured on")
+    s.add_argument("--metric", choices=sorted(METRICS), default="loss", help="mean loss (lower is better) or accuracy")
+    s.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy")
+    s.add_argument("--ratios", type=_ratio, nargs="+", default=list(DEFAULT_RATIOS), help="fractions in (0, 1)")
+    s.add_argument("--method", default="l2", help=f"criterion ranking the units: {', '.join(sorted(CRITERIA))}")
+    s.add_argument("--mode", choices=sorted(MODES), default="zero", help="zero units in place (fast) or cut a copy")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--max-batches", type=int, default=None)
+    s.add_argument("--input-shape", default=None, help="example input shape (else the first calib input)")
+    s.add_argument("--ignore", nargs="*", default=[], metavar="GLOB", help="module or parameter names to leave alone")
+    s.add_argument("--out", required=True, help="folder for sensitivity.json/.png/.svg and the cache (reused)")
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that holds other files")
+
+
+def run_sensitivity(args: argparse.Namespace, console: Console) -> int:
+    from .sensitivity import METRICS, data_digest, save_plot, sensitivity
+
+    inputs = [args.weights, args.calib]
+    # a folder this command wrote before is reused: its cache makes the second call instant
+    out = check_output_dir(args.out, inputs, overwrite=args.overwrite or (Path(args.out) / "sensitivity.json").is_file())
+    model = build_model(args.model)
+    load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
+    data = (_calibration(args.calib, args.batch_size, args.trust_pickle) or [])[: args.max_batches]
+    if not data or not isinstance(data[0], tuple):
+        raise FileProblem(f"calibration file {args.calib} needs 'inputs' and 'targets': the metric compares with labels")
+    example = _example_input(args.input_shape)
+    example = data[0][0][:1] if example is None else example
+    evaluate, higher_is_better = METRICS[args.metric]
+    name = f"{args.loss} loss" if args.metric == "loss" else args.metric
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"sensitivity ({args.method}, {args.mode})", total=None)
+        curves = sensitivity(model.eval(), example, evaluate(data, LOSSES[args.loss]), args.ratios, method=args.method,
+                             ignore=args.ignore, data=data, loss_fn=LOSSES[args.loss], higher_is_better=higher_is_better,
+                             metric_name=name, mode=args.mode, cache_dir=out / "cache",
+                             data_key=f"{args.metric}:{args.loss}:{data_digest(data)}",
+                             on_point=lambda done, total: progress.update(task, completed=done, total=total))
+    with staged_output(out) as stage:
+        (stage / "sensitivity.json").write_text(json.dumps(curves.to_dict(), indent=1))
+        for suffix in ("png", "svg"):
+            save_plot(curves, stage / f"sensitivity.{suffix}", f"{args.model}: sensitivity ({curves.method})")
+    table = Table(title=f"{args.model}: {name} with one group pruned (dense {curves.baseline:.4g})")
+    for column in ["group", "kind", "units"] + [f"{r:g}" for r in curves.ratios]:
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for c in curves.curves:
+        table.add_row(c.label, c.kind, str(c.units), *(f"{m:.4g}" for m in c.metric))
+    console.print(table)
+    how = "read from the cache" if curves.cached else f"measured in {curves.seconds:.1f} s"
+    console.print(f"{how}; wrote sensitivity.json, sensitivity.png and sensitivity.svg to {args.out}/")
+    return 0
+
+
+COMMANDS = {"demo": run_demo, "prune": run_prune, "analyze": run_analyze, "run": run_run, "report": run_report,
+            "sensitivity": run_sensitivity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

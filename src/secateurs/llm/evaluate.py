@@ -111,6 +111,20 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int | None = None
     return strided_perplexity(model, tokens, window, stride).value
 
 
+def unigram_perplexity(train: torch.Tensor, heldout: torch.Tensor, vocab: int) -> float:
+    """Perplexity of `heldout` ids under add-one smoothed unigram frequencies of `train` ids.
+
+    The floor a causal LM must beat by far: a model no better than this learned no context.
+    """
+    train, heldout = _flat_tokens(train), _flat_tokens(heldout)
+    top = int(max(train.max(), heldout.max()))
+    if not isinstance(vocab, int) or vocab <= top:
+        raise InvalidArgument(f"vocab={vocab!r}: expected an integer above the largest token id {top}")
+    counts = torch.bincount(train, minlength=vocab).double() + 1  # add-one: unseen ids stay finite
+    log_p = (counts / counts.sum()).log()
+    return math.exp(-log_p[heldout].mean().item())
+
+
 # ------------------------------------------------------------------------------ encoders
 
 def _check_sentences(sentences: Sequence[str], name: str = "sentences") -> None:
@@ -156,4 +170,4 @@ def pair_spearman(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, s
 
 
 __all__ = ["Perplexity", "embedding_fidelity", "pair_spearman", "perplexity", "sentence_embeddings",
-           "strided_perplexity"]
+           "strided_perplexity", "unigram_perplexity"]

@@ -3,31 +3,34 @@
 The model is built as a skeleton whose parameters sit on the meta device (no memory);
 buffers are computed as usual, so non-persistent ones such as the rotary `inv_freq`,
 which no checkpoint holds, are right. The modules outside the blocks (embeddings, norms,
-heads) are read from the shards to capture the first block's inputs, then dropped. Each
+heads) are mapped from the shards to capture the first block's inputs, then dropped. Each
 block in turn is then read, pruned from its calibration inputs, run to give the next
 block's inputs, written to its own output shard and dropped, so memory holds one block,
-its statistics and the calibration activations, never the model.
+its statistics and the calibration activations, never the model. The tensors outside
+the blocks are finally copied through byte for byte, a chunk at a time.
 
 Shards are memory-mapped (`safetensors.safe_open`) and each is closed as soon as the
-tensors needed from it are copied out: the pages of a mapping count in the resident set
-while it is open, so keeping a 5 GB shard open would cost 5 GB of RSS.
+tensors needed from it are copied out: the pages of a mapping that were read count in
+the resident set while it is open, so reading all of a 5 GB shard would cost 5 GB of RSS.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import shutil
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import FileProblem, MissingData, WeightsMismatch
+from ..errors import FileProblem, InvalidArgument, MissingData, WeightsMismatch
 from ..io import check_output_dir, staged_output
 from .blocks import BlockLayout, find_blocks
 from .engine import (BlockInputs, LayerReport, LLMConfig, LLMPlan, _as_list, cache_off, capture_inputs, make_config,
@@ -39,28 +42,50 @@ SINGLE_FILE = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json", ".h5.index.json", ".msgpack.index.json")
 SHARD_BYTES = 1 << 30  # the most non-block bytes per output shard (a larger tensor gets a shard alone)
+_COPY_CHUNK = 64 << 20  # bytes read at a time when tensors are copied through unchanged
 
 
 # ------------------------------------------------------------------ reading shards
 
-def _header_sizes(path: Path) -> dict[str, int]:
-    """Tensor name -> stored bytes, from a safetensors header (8-byte length, then JSON)."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in its shard file, as its safetensors header says."""
+
+    dtype: str               # safetensors dtype code: "F32", "BF16", ...
+    shape: tuple[int, ...]
+    start: int               # byte offsets of its data in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _header(path: Path) -> dict[str, StoredTensor]:
+    """Tensor name -> where it is stored, from a safetensors header (8-byte length, then JSON)."""
     try:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
+            if length > path.stat().st_size - 8:  # garbage, not a header length: never read that much
+                raise ValueError(f"header length {length} exceeds the file size")
             header = json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError) as exc:
+        base = 8 + length
+        tensors = {k: StoredTensor(v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0],
+                                   base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+        if tensors and max(t.end for t in tensors.values()) > path.stat().st_size:
+            raise ValueError("the file is shorter than its header says (truncated?)")
+        return tensors
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise FileProblem(f"cannot read the safetensors header of {path}: {exc}") from None
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 @dataclass
 class Checkpoint:
-    """A folder of safetensors weights: which shard holds each tensor, and its size."""
+    """A folder of safetensors weights: which shard holds each tensor, and where in it."""
 
     folder: Path
-    weight_map: dict[str, str]  # tensor name -> shard file name
-    sizes: dict[str, int]       # tensor name -> bytes
+    weight_map: dict[str, str]               # tensor name -> shard file name
+    tensors: dict[str, StoredTensor]         # tensor name -> dtype, shape, byte range
 
     @classmethod
     def open(cls, folder: Path) -> "Checkpoint":
@@ -72,19 +97,19 @@ class Checkpoint:
             except (ValueError, KeyError, TypeError) as exc:
                 raise FileProblem(f"{index} is not a safetensors index with a weight_map: {exc}") from None
         elif (folder / SINGLE_FILE).is_file():
-            weight_map = dict.fromkeys(_header_sizes(folder / SINGLE_FILE), SINGLE_FILE)
+            weight_map = dict.fromkeys(_header(folder / SINGLE_FILE), SINGLE_FILE)
         else:
             raise FileProblem(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}; streaming needs "
                               f"safetensors weights (re-save the model with save_pretrained)")
-        sizes: dict[str, int] = {}
+        tensors: dict[str, StoredTensor] = {}
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():
                 raise FileProblem(f"shard {shard} named in {folder / INDEX_FILE} is missing")
-            sizes.update(_header_sizes(folder / shard))
-        absent = [k for k in weight_map if k not in sizes]
+            tensors.update((k, v) for k, v in _header(folder / shard).items() if weight_map.get(k) == shard)
+        absent = [k for k in weight_map if k not in tensors]
         if absent:
             raise FileProblem(f"tensors {absent[:3]} are in the index of {folder} but not in their shards")
-        return cls(folder, weight_map, sizes)
+        return cls(folder, weight_map, tensors)
 
     @contextlib.contextmanager
     def mapped(self, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
@@ -110,6 +135,38 @@ class Checkpoint:
             with self.mapped([n for n in names if self.weight_map[n] == shard]) as views:
                 out.update((n, _cast(v, dtype).clone()) for n, v in views.items())
         return out
+
+    def copy_into(self, names: list[str], path: Path) -> None:
+        """Write the tensors `names` into a new safetensors file `path`, byte for byte.
+
+        Read through plain file reads in chunks, not a mapping, so however large the
+        tensors (a 32000 x 4096 embedding) the copy costs one chunk of memory.
+        """
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            stored = self.tensors[name]
+            header[name] = {"dtype": stored.dtype, "shape": list(stored.shape),
+                            "data_offsets": [offset, offset + stored.nbytes]}
+            offset += stored.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
+        with path.open("wb") as out:
+            out.write(struct.pack("<Q", len(encoded)) + encoded)
+            for name in names:
+                self._copy_bytes(name, out)
+
+    def _copy_bytes(self, name: str, out: BinaryIO) -> None:
+        stored = self.tensors[name]
+        with (self.folder / self.weight_map[name]).open("rb") as source:
+            source.seek(stored.start)
+            left = stored.nbytes
+            while left:
+                chunk = source.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise FileProblem(f"{self.folder / self.weight_map[name]} ends inside tensor {name}")
+                out.write(chunk)
+                left -= len(chunk)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -194,7 +251,20 @@ def _checkpoint_names(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise WeightsMismatch(f"checkpoint {checkpoint.folder} lacks parameters of {type(model).__name__}: "
                               f"{', '.join(missing[:3])}{more}")
+    _check_shapes(model, names, checkpoint)
     return names
+
+
+def _check_shapes(model: nn.Module, names: dict[str, str], checkpoint: Checkpoint) -> None:
+    """Raise WeightsMismatch when a stored tensor's shape differs from the model's (before any work)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    wrong = [f"{stored} is {list(checkpoint.tensors[stored].shape)}, expected {list(tensor.shape)}"
+             for name, tensor in tensors if (stored := names.get(name)) is not None
+             and checkpoint.tensors[stored].shape != tuple(tensor.shape)]
+    if wrong:
+        more = f" and {len(wrong) - 2} more" if len(wrong) > 2 else ""
+        raise WeightsMismatch(f"checkpoint {checkpoint.folder} does not match its config.json: "
+                              f"{'; '.join(wrong[:2])}{more}")
 
 
 # ------------------------------------------------------------------ the output
@@ -246,15 +316,25 @@ class _ShardWriter:
     total_size: int = 0
     weight_map: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
+    def _next(self, names: Iterable[str], nbytes: int) -> Path:
+        """The path of the next shard, recorded as holding `names` (`nbytes` in all)."""
         self.written += 1
         name = f"model-{self.written:05d}-of-{self.count:05d}.safetensors"
+        self.total_size += nbytes
+        self.weight_map.update(dict.fromkeys(names, name))
+        return self.folder / name
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write `tensors` as the next shard."""
+        from safetensors.torch import save_file
+
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
-        self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        self.weight_map.update(dict.fromkeys(tensors, name))
+        path = self._next(tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def copy(self, checkpoint: Checkpoint, names: list[str]) -> None:
+        """Copy the stored tensors `names` unchanged into the next shard."""
+        checkpoint.copy_into(names, self._next(names, sum(checkpoint.tensors[n].nbytes for n in names)))
 
     def write_index(self) -> None:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
@@ -281,6 +361,15 @@ def _copy_companions(src: Path, stage: Path, dtype: torch.dtype | None) -> None:
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = str(dtype).removeprefix("torch.")
         (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------ checking the arguments
+
+def _check_options(dtype: Any, shard_bytes: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidArgument(f"dtype must be None or a floating torch dtype such as torch.float16, got {dtype!r}")
+    if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes <= 0:
+        raise InvalidArgument(f"shard_bytes must be a positive integer (bytes per output shard), got {shard_bytes!r}")
 
 
 # ------------------------------------------------------------------ checking the folders
@@ -312,6 +401,20 @@ def _stream_blocks(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, bl
         if i + 1 < len(blocks.blocks):
             inputs = run_block(block, inputs)
         _drop(model, names)
+        _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory freed with a block back to the system (glibc only; elsewhere a no-op).
+
+    glibc raises its mmap threshold after the first large free, so later tensors of a few MB
+    come from the heap, and the holes they leave between longer-lived objects are never
+    returned on their own: without this the resident set creeps up block after block.
+    """
+    if sys.platform.startswith("linux"):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent on musl
+        if trim is not None:
+            trim(0)
 
 
 def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], config: LLMConfig | None = None,
@@ -327,6 +430,7 @@ def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], c
     run succeeds; `src` is never written.
     """
     config = make_config(config, **overrides)
+    _check_options(dtype, shard_bytes)
     batches = _as_list(batches)
     if not batches:
         raise MissingData("prune_pretrained needs at least one calibration batch, got an empty list")
@@ -339,7 +443,7 @@ def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], c
     with cache_off(model):
         inputs = _capture(model, checkpoint, layout, blocks, batches, dtype)
         ratios = _block_ratios(model, checkpoint, layout, blocks, inputs, config, dtype)
-        passthrough = _pack(layout.passthrough, checkpoint.sizes, shard_bytes)
+        passthrough = _pack(layout.passthrough, {n: t.nbytes for n, t in checkpoint.tensors.items()}, shard_bytes)
         reports: list[LayerReport] = []
         with staged_output(target) as stage:
             writer = _ShardWriter(stage, len(passthrough) + len(blocks.blocks))
@@ -352,26 +456,41 @@ def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], c
 
             _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype, prune_and_write)
             for group in passthrough:
-                with checkpoint.mapped(group) as views:
-                    writer.write({n: _cast(v, dtype) for n, v in views.items()})
+                _write_unpruned(writer, checkpoint, group, dtype)
             writer.write_index()
             _copy_companions(source, stage, dtype)
     block_sparsity = ratios if config.pattern is None else [config.target] * len(ratios)
     return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity)
 
 
+def _write_unpruned(writer: _ShardWriter, checkpoint: Checkpoint, names: list[str], dtype: torch.dtype | None) -> None:
+    """Write the tensors outside the blocks: byte for byte, or cast to `dtype` through a mapping."""
+    if dtype is None:
+        writer.copy(checkpoint, names)
+        return
+    with checkpoint.mapped(names) as views:
+        writer.write({n: _cast(v, dtype) for n, v in views.items()})
+
+
 def _capture(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,
              batches: list[Any], dtype: torch.dtype | None) -> BlockInputs:
-    """The first block's inputs, with the modules outside the blocks loaded just for this."""
-    loaded = checkpoint.read(layout.outside.values(), dtype)
-    for model_name, stored in layout.outside.items():
-        _put(model, model_name, loaded[stored])
-    del loaded
-    try:
-        return capture_inputs(model, blocks, batches)
-    finally:
-        params = dict(model.named_parameters(remove_duplicate=False))
-        _drop(model, [n for n in layout.outside if n in params])
+    """The first block's inputs, with the modules outside the blocks mapped just for this.
+
+    They stay views of the mapped shards, not copies: the embedding lookup touches only the
+    pages of the calibration tokens' rows, and the LM head, which does not run, none.
+    """
+    with checkpoint.mapped(layout.outside.values()) as views:
+        for model_name, stored in layout.outside.items():
+            _put(model, model_name, _cast(views[stored], dtype))
+        try:
+            return capture_inputs(model, blocks, batches)
+        finally:
+            params = dict(model.named_parameters(remove_duplicate=False))
+            _drop(model, [n for n in layout.outside if n in params])
+            buffers = dict(model.named_buffers(remove_duplicate=False))
+            for name in (n for n in layout.outside if n in buffers):
+                _put(model, name, buffers[name].clone())  # a buffer stays; it must not outlive the mapping
+            _release_freed_memory()
 
 
 def _block_ratios(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,

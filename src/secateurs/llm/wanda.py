@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 def scores(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 for a [out, in] weight."""
-    return weight.abs() * stats.norms.to(weight.device).unsqueeze(0)
+    norms = stats.norms.to(weight.device)
+    # in place on the fresh |W| (promoted as `*` would): one [out, in] buffer instead of two,
+    # half the time on big layers
+    return weight.abs().to(torch.promote_types(weight.dtype, norms.dtype)).mul_(norms.unsqueeze(0))
 
 
 def prune(weight: torch.Tensor, stats: LayerStats | None, config: "LLMConfig",
