@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from secateurs.examples.zoo import resnet18, vit
+from secateurs.graph import trace
+from secateurs.graph.groups import analyze_graph
 from secateurs.measure import count_macs, count_parameters
 from secateurs.structured import prune_structured
 
@@ -121,6 +123,20 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
 
+def graph_seconds(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds to trace `model` on fake tensors, and to group the traced graph's channels."""
+    traced, grouped = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        graph = trace(model, x)
+        traced.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        analyze_graph(graph)
+        grouped.append(time.perf_counter() - start)
+    return {"trace_s": round(statistics.median(traced), 3), "analyze_s": round(statistics.median(grouped), 3),
+            "fake": graph.fake}
+
+
 def bench(case: Case, repeats: int) -> dict:
     torch.manual_seed(0)
     dense = case.build().eval()
@@ -172,7 +188,7 @@ def bench(case: Case, repeats: int) -> dict:
                                           if arm in arms else None}
                                     for arm, t in ms.items()}
     return {"model": case.name, "input": list(case.shape), "params": dense_params, "macs": dense_macs,
-            "arms": arms, "latency": latency}
+            "graph": graph_seconds(dense, x1, repeats), "arms": arms, "latency": latency}
 
 
 def cases(quick: bool, rounds: int) -> list[Case]:

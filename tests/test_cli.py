@@ -192,6 +192,16 @@ def test_structured_prune_and_reload(project, capsys):
     assert fresh[0].out_features < 16 and fresh(torch.randn(2, 12)).shape == (2, 3)
 
 
+
+def test_structured_latency_target_is_timed_at_the_threads_flag(project, capsys):
+    code, _, err = run(["prune", "--model", "usermodels:build", "--weights", "w.safetensors", "--structured",
+                        "--target", "latency_ms=1000", "--threads", "1", "--input-shape", "4,12", "--out", "lat"], capsys)
+    assert code == 0, err
+    budget = json.loads((project / "lat" / "metrics.json").read_text())["plan"]["budget"]
+    assert budget["target"] == "latency_ms=1000,threads=1" and budget["threads"] == 1
+    assert budget["predicted"] <= 1000 and budget["measured"] > 0
+
+
 STRUCTURED_BAD = [
     (["--structured", "--sparsity", "0.5", "--input-shape", "1,12"], "--structured takes --ratio or --target"),
     (["--structured", "--input-shape", "1,12"], "exactly one of --ratio"),

@@ -113,3 +113,23 @@ def test_factory_errors_name_the_problem(spec, message):
 
 def test_factory_resolves():
     assert import_factory("tests.conftest:tiny_cnn")() is not None
+
+
+def test_two_structured_cuts_saved_with_only_the_last_plan_replay_both(tmp_path):
+    from secateurs.examples import zoo
+    from secateurs.structured import PLANS_ATTRIBUTE
+
+    model, x = zoo.ZOO["resnet18"]()
+    first = sc.prune_structured(model.eval(), x, 0.3)
+    second = sc.prune_structured(model, x, {"stages.0.*": 0.5})     # cuts fewer groups than the first
+    assert second.keeps and set(second.keeps) != set(first.keeps)
+    sc.save(model, tmp_path / "last", second)                      # the model remembers the first cut
+    fresh = sc.load(zoo.ZOO["resnet18"]()[0], tmp_path / "last").eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(*x), model(*x))
+    sc.save(fresh, tmp_path / "again", sc.prune_structured(fresh, x, 0.2))   # replayed cuts count too
+    assert len(sc.load(zoo.ZOO["resnet18"]()[0], tmp_path / "again").__dict__[PLANS_ATTRIBUTE]) == 3
+    del model.__dict__[PLANS_ATTRIBUTE]                                 # a plan saved alone, without its history
+    sc.save(model, tmp_path / "alone", second)
+    with pytest.raises(WeightsMismatch, match="pruned more than once"):
+        sc.load(zoo.ZOO["resnet18"]()[0], tmp_path / "alone")

@@ -104,6 +104,7 @@ BAD = [
     ("  - prune: {method: foo, sparsity: 0.5}", 3, "stages[0].prune.method: unknown method 'foo'; expected one of"),
     ("  - prune: {structured: true}", 3, "stages[0].prune: structured pruning needs exactly one of ratio"),
     ("  - prune: {structured: true, target: flops=0.5}", 3, "target must look like 'macs=0.5'"),
+    ("  - prune: {structured: true, target: latency_ms=-1}", 3, "or 'latency_ms=5' (milliseconds"),
     ("  - distill: {alpha: 2}", 3, "stages[0].distill.alpha: must be in [0, 1], got 2"),
     ("  - quantize\n  - finetune: {}", 4, "stages[1]: finetune cannot follow quantize"),
     ("  - save: {path: ../elsewhere}", 3, "stages[0].save.path: must be a folder name inside the run directory"),
@@ -152,6 +153,16 @@ def test_defaults_filled_paths_resolved_and_unquoted_nm_pattern_kept(project, tm
     plain = load_recipe(_recipe(tmp_path, "model: {demo: digits}\nstages:\n  - prune: {pattern: 2:4}\n"))
     assert plain.stages[0].options.pattern == "2:4"
     assert [s.name for s in load_recipe(EXAMPLE).stages] == ["prune", "distill", "quantize", "evaluate", "save"]
+
+
+def test_budget_targets_and_logging_are_part_of_the_schema(tmp_path):
+    text = ("model: {demo: digits}\nlogging: {tensorboard: tb, mlflow: 'http://localhost:5000'}\nstages:\n"
+            "  - prune: {structured: true, target: 'latency_ms=5,threads=2'}\n  - prune: {structured: true, target: bytes=0.5}\n")
+    recipe = load_recipe(_recipe(tmp_path, text))
+    assert [s.options.target for s in recipe.stages] == ["latency_ms=5,threads=2", "bytes=0.5"]
+    assert recipe.to_config()["logging"] == {"tensorboard": "tb", "mlflow": "http://localhost:5000"}
+    with pytest.raises(InvalidArgument, match=r"recipe.yaml:2: logging.wandb: unknown key; expected one of tensorboard, mlflow"):
+        load_recipe(_recipe(tmp_path, "model: {demo: digits}\nlogging: {wandb: x}\nstages: [evaluate]\n"))
 
 
 def test_cli_bad_recipe_exits_2_with_one_line_and_writes_nothing(project, tmp_path, capsys):

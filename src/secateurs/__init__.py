@@ -11,7 +11,9 @@ from .errors import (FileProblem, IncompatibleLayer, InvalidArgument, MissingDat
                      WeightsMismatch)
 from .io import load, load_state, save
 from .measure import Measurement, count_macs, count_parameters, latency_ms, measure
-from .recover import SparsityPenalty, evaluate_accuracy, finetune, threshold_prune
+from .recover import (AGPSchedule, Callback, DistillHistory, GuardReport, GuardStep, IterativeSchedule,
+                      PruningCallback, SparsityPenalty, distill, evaluate_accuracy, finetune, guarded_prune,
+                      kd_loss, recalibrate_bn, threshold_prune, trainer_callback)
 from .schedule import AGP, agp_sparsity, iterative_prune
 from .graph.groups import analyze
 from .select import select_targets
@@ -20,10 +22,26 @@ from .sparsity import apply_masks, finalize, keep_sparse, masked_params, sparsit
 
 __version__ = "0.1.0"
 
+# The pipeline's names load on first use: recipes bring pydantic and YAML, reports matplotlib.
+_LAZY = {"run_recipe": ".run", "load_recipe": ".recipe", "build_report": ".report"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AGP", "CRITERIA", "StructuredPlan", "analyze", "prune_structured", "Calibration", "Criterion", "FileProblem", "IncompatibleLayer", "InvalidArgument",
     "LayerPlan", "Measurement", "MissingData", "Plan", "SecateursError", "SparsityPenalty", "WeightsMismatch",
     "agp_sparsity", "apply_masks", "count_macs", "count_parameters", "evaluate_accuracy", "finalize",
     "finetune", "iterative_prune", "keep_sparse", "latency_ms", "load", "load_state", "masked_params",
     "measure", "prune", "save", "select_targets", "sparsity_of", "threshold_prune",
+    # recovery and the pipeline
+    "AGPSchedule", "Callback", "DistillHistory", "GuardReport", "GuardStep", "IterativeSchedule", "PruningCallback",
+    "build_report", "distill", "guarded_prune", "kd_loss", "load_recipe", "recalibrate_bn", "run_recipe",
+    "trainer_callback",
 ]

@@ -191,6 +191,17 @@ def _replay_keeps(model: nn.Module, record: dict[str, Any]) -> None:
 _REPLAYS = {"blocks": _replay_blocks, "keeps": _replay_keeps}
 
 
+def _with_earlier_plans(model: nn.Module, plan: Any | None) -> Any | None:
+    """Every structured plan cut into `model` when `plan` is the last of several: saved alone,
+    the first cuts' keeps would be lost and the weights would not fit a fresh model."""
+    from .structured import applied_plans
+
+    history = applied_plans(model)
+    if isinstance(plan, (list, tuple)) or len(history) < 2 or history[-1] is not plan:
+        return plan
+    return history
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) -> Path:
     """Write the pruned model to `out_dir`: dense and sparse safetensors plus plan.json.
 
@@ -199,6 +210,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    plan = _with_earlier_plans(model, plan)
     save_weights(model, out / WEIGHTS_FILE)
     save_weights(model, out / SPARSE_WEIGHTS_FILE, sparse=True)
     record = _plan_record(plan)

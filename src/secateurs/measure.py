@@ -1,6 +1,7 @@
 """What a pruned model costs: parameters, non-zeros, MACs, bytes and CPU latency."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -156,6 +157,25 @@ def graph_macs(graph: Graph, shapes: dict[int, tuple[int, ...]] | None = None) -
         outputs = tuple(torch.Size(shapes.get(i, graph.tensors[i].shape)) for i in op.outputs)
         flops += formula(*args, out_shape=outputs[0] if len(outputs) == 1 else outputs, **kwargs)
     return flops // 2
+
+
+def graph_params(graph: Graph, shapes: dict[int, tuple[int, ...]] | None = None) -> int:
+    """Parameters of a traced graph, at its recorded shapes or, where given, at `shapes` (as `graph_macs`)."""
+    shapes = shapes or {}
+    return sum(math.prod(shapes.get(node, graph.tensors[node].shape)) for node in set(graph.parameters.values()))
+
+
+def graph_bytes(graph: Graph, shapes: dict[int, tuple[int, ...]] | None = None) -> int:
+    """Bytes of a traced graph's parameters and buffers at their dtype sizes (tied ones once), as `graph_params`."""
+    shapes = shapes or {}
+    return sum(math.prod(shapes.get(t.index, t.shape)) * t.dtype.itemsize
+               for t in graph.tensors if t.kind in ("parameter", "buffer"))
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers at their dtype sizes, shared ones counted once."""
+    unique = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def nonzero_macs(model: nn.Module, per_module: dict[str, int], total: int) -> int:

@@ -139,6 +139,7 @@ class PruneStage(_Spec):
     ignore: list[str] = []
     batches: PositiveCount = 8              # calibration batches for data-aware scoring
     recalibrate_bn: bool = False            # re-estimate BatchNorm statistics right after the cut
+    allocation: Literal["sensitivity"] | None = None   # per-group ratios from sensitivity curves (a target)
 
     @field_validator("method")
     @classmethod
@@ -159,7 +160,12 @@ class PruneStage(_Spec):
                 parse_target(self.target)
             if self.scope not in (None, "local", "global"):
                 raise ValueError(f"structured scope must be 'local' or 'global', got {self.scope!r}")
+            if self.allocation is not None and (self.target is None or self.scope is not None):
+                raise ValueError("allocation: sensitivity picks each group's ratio to meet a target: give target "
+                                 "(e.g. macs=0.25), not ratio or scope")
         else:
+            if self.allocation is not None:
+                raise ValueError("allocation is for structured: true (with a target)")
             if self.ratio is not None or self.target is not None:
                 raise ValueError("ratio and target are for structured: true; unstructured pruning takes sparsity or pattern")
             resolve_sparsity(self.sparsity, self.pattern)
@@ -251,6 +257,13 @@ class Stage(_Spec):
         return getattr(self, self.name)
 
 
+class LoggingSpec(_Spec):
+    """Optional experiment logging (pip install 'secateurs[logging]'); relative paths are inside the run directory."""
+
+    tensorboard: str | None = None     # folder for TensorBoard event files
+    mlflow: str | None = None          # MLflow tracking URI (a plain folder: a local file store)
+
+
 class Recipe(_Spec):
     """A whole pipeline: the model, its data, the seed and the stages in order."""
 
@@ -259,6 +272,7 @@ class Recipe(_Spec):
     seed: Count = 0
     threads: PositiveCount = 1
     stages: list[Stage] = Field(min_length=1)
+    logging: LoggingSpec | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -30,11 +30,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from .api import prune
+from .criteria.base import LOSSES
 from .errors import FileProblem, InvalidArgument
 from .io import build_model, check_output_dir, load_into, load_state, save, staged_output
 from .io import _encode as encode_state
@@ -43,8 +43,8 @@ from .quantize import measure_int8, quantize_int8, quantized_layers, save_int8
 from .recipe import Recipe, load_recipe
 from .recover.finetune import evaluate_accuracy, finetune
 from .structured import prune_structured, replay
+from .tracking import open_run_log, require_loggers
 
-LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 # Keys whose values are wall-clock times: they differ between two runs of the same recipe.
 TIMING_KEYS = ("latency_ms", "seconds")
 CHECKPOINTS = "checkpoints"
@@ -175,11 +175,13 @@ def versions() -> dict[str, str]:
 def _prune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
     batches = p.data.shuffled(seed)[: options.batches]
     if options.structured:
-        plan = prune_structured(p.model, p.data.example, options.ratio, target=options.target,
-                                method=options.method or "l2", scope=options.scope or "local", data=batches,
-                                loss_fn=p.data.loss_fn, ignore=options.ignore, seed=seed)
+        plan, curves = _prune_channels(p, options, batches, seed)
         result = {"method": plan.method, "ratio": plan.ratio, "macs_before": plan.macs_before,
                   "macs_after": plan.macs_after, "params_before": plan.params_before, "params_after": plan.params_after}
+        if curves is not None:
+            result["sensitivity"] = curves
+        if plan.budget:    # a target search: the target, and the cost predicted and measured
+            result["budget"] = plan.budget
     else:
         plan = prune(p.model, options.method or "magnitude", options.sparsity, pattern=options.pattern,
                      scope=options.scope or "layer", data=batches, loss_fn=p.data.loss_fn, ignore=options.ignore,
@@ -191,6 +193,28 @@ def _prune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
 
         result["bn_batches"] = recalibrate_bn(p.model, p.data.train)
     return result
+
+
+def _prune_channels(p: Pipeline, options: Any, batches: list[Any], seed: int) -> tuple[Any, dict[str, Any] | None]:
+    """Remove channels to the stage's ratio or target; returns the plan and, with allocation:
+    sensitivity, the curves that chose each group's ratio.
+
+    The curves' metric is the mean loss on the stage's calibration batches (accuracy on
+    training data saturates); they are cached in the run's sensitivity/ folder.
+    """
+    method = options.method or "l2"
+    if options.allocation is None:
+        return prune_structured(p.model, p.data.example, options.ratio, target=options.target, method=method,
+                                scope=options.scope or "local", data=batches, loss_fn=p.data.loss_fn,
+                                ignore=options.ignore, seed=seed), None
+    from .sensitivity import data_digest, mean_loss, prune_by_sensitivity, sensitivity
+
+    curves = sensitivity(p.model, p.data.example, mean_loss(batches, p.data.loss_fn), method=method,
+                         ignore=options.ignore, data=batches, loss_fn=p.data.loss_fn, higher_is_better=False,
+                         metric_name=f"{p.recipe.data.loss} loss", cache_dir=p.out_dir / "sensitivity",
+                         data_key=f"{p.recipe.data.loss}:{data_digest(batches)}", seed=seed)
+    plan = prune_by_sensitivity(p.model, p.data.example, curves, options.target, options.allocation)
+    return plan, curves.report_curves()
 
 
 def _finetune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
@@ -331,9 +355,14 @@ def _restore(p: Pipeline, index: int, name: str) -> None:
 
 def _metrics(recipe: Recipe, digest: str, dense: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     final = records[-1] if records else dense
-    return {"config_hash": config_hash(recipe), "inputs_digest": digest, "seed": recipe.seed,
-            "dense": dense, "stages": records,
-            "final": {"stage": final.get("stage", "dense"), **final["measurement"]}}
+    metrics = {"config_hash": config_hash(recipe), "inputs_digest": digest, "seed": recipe.seed,
+               "dense": dense, "stages": records,
+               "final": {"stage": final.get("stage", "dense"), **final["measurement"]}}
+    # the report plots one set of sensitivity curves per run: the last prune stage's that computed some
+    curves = [r["result"]["sensitivity"] for r in records if "sensitivity" in r.get("result", {})]
+    if curves:
+        metrics["sensitivity"] = curves[-1]
+    return metrics
 
 
 def _check_resume(out: Path, recipe: Recipe, digest: str) -> dict[str, Any]:
@@ -368,6 +397,8 @@ def run_recipe(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, resum
     """
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
+    spec = recipe.logging.model_dump(exclude_none=True) if recipe.logging else None
+    require_loggers(spec)
     out = Path(out_dir)
     inputs = [recipe_path] + [f for f in (recipe.model.weights, recipe.data.calibration, recipe.data.evaluation) if f]
     check_output_dir(out, inputs, overwrite=resume)
@@ -388,19 +419,23 @@ def run_recipe(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, resum
         _start(out, recipe, digest, dense, recipe_path.resolve())
     first = len(records)
     ran = []
-    for index in range(first, len(recipe.stages)):
-        stage = recipe.stages[index]
-        started = time.perf_counter()
-        with _seeded(_stage_seed(recipe.seed, index + 1), recipe.threads):
-            result = STAGE_RUNNERS[stage.name](pipeline, stage.options, _stage_seed(recipe.seed, index + 1))
-            record = {"index": index, "stage": stage.name, "result": result, **_measure(pipeline)}
-        record["seconds"] = time.perf_counter() - started
-        _checkpoint(pipeline, index, stage.name, record)
-        records.append(record)
-        _write_json(out / "metrics.json", _metrics(recipe, digest, dense, records))
-        ran.append(index)
-        if on_stage is not None:
-            on_stage(index, stage.name, record)
+    with contextlib.closing(open_run_log(spec, out, out.resolve().name, recipe.to_config())) as log:
+        if not resume:
+            log.dense(dense)
+        for index in range(first, len(recipe.stages)):
+            stage = recipe.stages[index]
+            started = time.perf_counter()
+            with _seeded(_stage_seed(recipe.seed, index + 1), recipe.threads):
+                result = STAGE_RUNNERS[stage.name](pipeline, stage.options, _stage_seed(recipe.seed, index + 1))
+                record = {"index": index, "stage": stage.name, "result": result, **_measure(pipeline)}
+            record["seconds"] = time.perf_counter() - started
+            _checkpoint(pipeline, index, stage.name, record)
+            records.append(record)
+            _write_json(out / "metrics.json", _metrics(recipe, digest, dense, records))
+            ran.append(index)
+            log.stage(index, stage.name, record)
+            if on_stage is not None:
+                on_stage(index, stage.name, record)
     metrics = _metrics(recipe, digest, dense, records)
     if not ran:
         _write_json(out / "metrics.json", metrics)

@@ -30,11 +30,12 @@ from . import hf, surgery
 from .api import check_ratio
 from .criteria import Calibration, Criterion, get_criterion
 from .criteria.base import LossFn
-from .errors import IncompatibleLayer, InvalidArgument, MissingData
+from .errors import IncompatibleLayer, InvalidArgument, MissingData, WeightsMismatch
 from .graph import trace
 from .graph.groups import Analysis, Group, analyze_graph
 from .graph.trace import Graph, _leaves, _split_inputs
-from .measure import count_macs, graph_macs, macs_and_output, total_parameters
+from .measure import (count_macs, graph_bytes, graph_macs, graph_params, latency_ms, macs_and_output,
+                      tensor_bytes, total_parameters)
 from .select import select_targets
 
 _CONV_LIKE = (nn.Linear, nn.modules.conv._ConvNd)
@@ -66,6 +67,7 @@ class StructuredPlan:
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> changed int attributes
     compensated: list[str] = field(default_factory=list)   # linear layers whose bias absorbed removed inputs
     added_biases: list[str] = field(default_factory=list)  # of those, the ones that had no bias before
+    budget: dict[str, Any] = field(default_factory=dict)   # a target search: the target, predicted and measured cost
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -468,7 +470,7 @@ def prune_structured(
         raise MissingData("compensate=True needs calibration data (data=...) for the mean inputs it folds in")
     criterion = get_criterion(method, seed=seed)
     if target is not None:
-        key, fraction = parse_target(target)
+        budget = parse_target(target)
         scope = "global"
     else:
         _check_spec("ratio", ratio, upper_inclusive=False)
@@ -477,12 +479,16 @@ def prune_structured(
     # One trace, one analysis and one scoring serve the ratio search and the cut alike.
     scored = _score(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore)
     if target is not None:
-        ratio = _search_ratio(model, example_inputs, scored, key, fraction, round_to, max_ratio)
+        cost = BUDGETS[budget.key].cost(model, example_inputs, scored, budget)
+        ratio = _search_ratio(model, example_inputs, scored, budget, cost, round_to, max_ratio)
     chosen = _selection(scored, ratio, scope, round_to, max_ratio)
     dense = bias_compensation.snapshot(model, Calibration(data, loss_fn)) if compensate else None
     plan = _cut(model, example_inputs, scored, chosen, criterion.name, ratio)
     if dense is not None:
         _compensate(model, dense, plan)
+    if target is not None:
+        plan.budget = _budget_record(model, example_inputs, scored, chosen, plan, budget, cost)
+    _remember(model, plan)
     return plan
 
 
@@ -653,15 +659,42 @@ def _fake_output_shapes(model: nn.Module, devices: dict[str, torch.device], args
     return [tuple(v.shape) for v in _leaves(output) if isinstance(v, torch.Tensor)]
 
 
-def parse_target(target: str) -> tuple[str, float]:
-    key, _, value = target.partition("=")
+@dataclass(frozen=True)
+class Target:
+    """A structured pruning budget: the model's `key` cost brought to at most `value`."""
+
+    key: str                      # a key of BUDGETS: "macs", "params", "bytes" or "latency_ms"
+    value: float                  # a fraction of the dense model's cost; milliseconds for latency_ms
+    threads: int | None = None    # latency_ms: CPU threads it is timed at (None: torch's current count)
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value:.10g}" + (f",threads={self.threads}" if self.threads else "")
+
+
+TARGET_FORMS = ("'macs=0.5', 'params=0.3' or 'bytes=0.5' (a fraction of the dense model's, in (0, 1]), "
+                "or 'latency_ms=5' (milliseconds on this machine; ',threads=2' fixes the thread count)")
+
+
+def parse_target(target: str) -> Target:
+    """The budget that `target` ("macs=0.5", "latency_ms=5,threads=2", ...) names; InvalidArgument if none."""
+    bad = InvalidArgument(f"target must look like {TARGET_FORMS}, got {target!r}")
+    if not isinstance(target, str):
+        raise bad
+    head, _, option = target.partition(",")
+    key, _, text = head.strip().partition("=")
     try:
-        fraction = float(value)
+        value = float(text)
     except ValueError:
-        fraction = -1.0
-    if key not in ("macs", "params") or not 0.0 < fraction <= 1.0:
-        raise InvalidArgument(f"target must look like 'macs=0.5' or 'params=0.3' (a fraction in (0, 1]), got {target!r}")
-    return key, fraction
+        raise bad from None
+    kind = BUDGETS.get(key)
+    if kind is None or not (value > 0 if kind.absolute else 0.0 < value <= 1.0) or not np.isfinite(value):
+        raise bad
+    if not option:
+        return Target(key, value)
+    name, _, count = option.strip().partition("=")
+    if not kind.absolute or name != "threads" or not count.isdigit() or int(count) < 1:
+        raise bad
+    return Target(key, value, int(count))
 
 
 # Bisection steps of the target search: the ratio is found to within 0.95 / 2**16.
@@ -677,12 +710,75 @@ def cut_shapes(analysis: Analysis, removed: np.ndarray | Sequence[int]) -> dict[
             for t in analysis.graph.tensors}
 
 
+# Costs the dense graph gives for any cut, from the cut tensor shapes (node -> shape) alone.
+GRAPH_COSTS: dict[str, Callable[[Graph, dict[int, tuple[int, ...]]], int | None]] = {
+    "macs": graph_macs, "params": graph_params, "bytes": graph_bytes,
+}
+
+
 def _estimated_cost(scored: _Scored, key: str, chosen: dict[int, list[int]]) -> int:
-    """MACs or parameters the model would have with `chosen` cut, computed from the graph alone."""
-    shapes = cut_shapes(scored.analysis, _removed_ids({g.index: g for g in scored.groups}, chosen, scored.unit_ids))
-    if key == "macs":
-        return graph_macs(scored.graph, shapes)
-    return sum(int(np.prod(shapes[node])) for node in set(scored.graph.parameters.values()))
+    """MACs, parameters or bytes the model would have with `chosen` cut, computed from the graph alone."""
+    return GRAPH_COSTS[key](scored.graph, _chosen_shapes(scored, chosen))
+
+
+def _chosen_shapes(scored: _Scored, chosen: dict[int, list[int]]) -> dict[int, tuple[int, ...]]:
+    return cut_shapes(scored.analysis, _removed_ids({g.index: g for g in scored.groups}, chosen, scored.unit_ids))
+
+
+@dataclass
+class _Cost:
+    """A budget's cost of any cut, as a function of the cut tensor shapes, and the dense model's."""
+
+    of: Callable[[dict[int, tuple[int, ...]]], float | None]
+    dense: float
+    details: dict[str, Any] = field(default_factory=dict)   # recorded in the plan's budget
+    threads: int = 1
+
+
+def _graph_cost(key: str, dense: Callable[[_Scored], float]) -> Callable[..., _Cost]:
+    def build(model: nn.Module, example_inputs: Any, scored: _Scored, target: Target) -> _Cost:
+        return _Cost(lambda shapes: GRAPH_COSTS[key](scored.graph, shapes), dense(scored))
+    return build
+
+
+def _latency_cost(model: nn.Module, example_inputs: Any, scored: _Scored, target: Target) -> _Cost:
+    """Predicted milliseconds from the model's per-op latency table (`secateurs.latency`)."""
+    from .latency import latency_table
+
+    table = latency_table(model, example_inputs, threads=target.threads, graph=scored.graph, analysis=scored.analysis)
+    details = {"threads": table.threads, "remainder_ms": table.remainder_ms,
+               "table": str(table.path) if table.path else None}
+    return _Cost(table.predict, table.dense_ms, details, table.threads)
+
+
+@dataclass(frozen=True)
+class _BudgetKind:
+    """How a target key is costed while searching, and measured on the cut model."""
+
+    cost: Callable[[nn.Module, Any, _Scored, Target], _Cost]
+    measure: Callable[[nn.Module, Any, StructuredPlan, _Cost], float]
+    absolute: bool = False        # the value is in the cost's own unit, not a fraction of the dense cost
+    unit: str = ""
+
+
+BUDGETS: dict[str, _BudgetKind] = {
+    "macs": _BudgetKind(_graph_cost("macs", lambda s: s.macs), lambda m, x, plan, cost: plan.macs_after),
+    "params": _BudgetKind(_graph_cost("params", lambda s: s.params), lambda m, x, plan, cost: plan.params_after),
+    "bytes": _BudgetKind(_graph_cost("bytes", lambda s: graph_bytes(s.graph)),
+                         lambda m, x, plan, cost: tensor_bytes(m), unit=" bytes"),
+    "latency_ms": _BudgetKind(_latency_cost, lambda m, x, plan, cost: latency_ms(m, x, threads=cost.threads),
+                              absolute=True, unit=" ms"),
+}
+
+
+def _budget_record(model: nn.Module, example_inputs: Any, scored: _Scored, chosen: dict[int, list[int]],
+                   plan: StructuredPlan, target: Target, cost: _Cost) -> dict[str, Any]:
+    """The plan's budget entry: the target, the dense cost, the predicted and the measured cost of the cut."""
+    kind = BUDGETS[target.key]
+    limit = target.value if kind.absolute else target.value * cost.dense
+    return {"target": str(target), "key": target.key, "limit": limit, "dense": cost.dense,
+            "predicted": cost.of(_chosen_shapes(scored, chosen)),
+            "measured": kind.measure(model, example_inputs, plan, cost), **cost.details}
 
 
 def _trial_cost(model: nn.Module, example_inputs: Any, scored: _Scored, key: str,
@@ -693,37 +789,76 @@ def _trial_cost(model: nn.Module, example_inputs: Any, scored: _Scored, key: str
     return plan.macs_after if key == "macs" else plan.params_after
 
 
-def _search_ratio(model: nn.Module, example_inputs: Any, scored: _Scored, key: str, fraction: float,
+def _search_ratio(model: nn.Module, example_inputs: Any, scored: _Scored, target: Target, cost: _Cost,
                   round_to: int | None, max_ratio: float | dict[str, float] | None) -> float:
-    """The smallest global ratio (to SEARCH_STEPS bisections) whose cost is at most `fraction` of today's.
+    """The smallest global ratio (to SEARCH_STEPS bisections) whose cost meets `target`.
 
     The cost of each trial ratio is computed from the kept widths on the dense graph, so
     the search cuts nothing and costs a fraction of one prune; graphs holding an opaque
-    module (an RNN) fall back to measuring a pruned copy per trial.
+    module (an RNN) fall back to measuring a pruned copy per trial. A target that even
+    the largest cut the caps allow misses is refused with what that cut would cost.
     """
-    opaque = key == "macs" and graph_macs(scored.graph) is None
-    base = scored.macs if key == "macs" else scored.params
+    kind = BUDGETS[target.key]
+    opaque = target.key == "macs" and graph_macs(scored.graph) is None
+    scale = 1.0 if kind.absolute else cost.dense
     # the ranking does not depend on the ratio: rank once, and each trial takes a prefix
     order = _global_order(scored.groups, scored.unit_scores, _per_group(scored.groups, max_ratio, 0.9), round_to)
     total = sum(g.size for g in scored.groups)
     by_index = {g.index: g for g in scored.groups}
+
+    def trial(ratio: float) -> float:
+        chosen = _first(*order, int(ratio * total))   # as _selection(scored, ratio, "global", ...) chooses
+        _protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
+        if opaque:
+            return _trial_cost(model, example_inputs, scored, target.key, chosen)
+        return cost.of(_chosen_shapes(scored, chosen))
+
     low, high = 0.0, 0.95
+    most = trial(high)
+    if most / scale > target.value:
+        share = "" if kind.absolute else f", {most / cost.dense:.1%} of the dense model's"
+        raise InvalidArgument(f"target {target} cannot be met: the largest cut max_ratio allows (default 0.9 of "
+                              f"each group) leaves {target.key} at {most:.4g}{kind.unit}{share}")
     for _ in range(SEARCH_STEPS if not opaque else 10):
         mid = (low + high) / 2
-        chosen = _first(*order, int(mid * total))   # as _selection(scored, mid, "global", ...) chooses
-        _protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
-        cost = (_trial_cost(model, example_inputs, scored, key, chosen) if opaque
-                else _estimated_cost(scored, key, chosen))
-        if cost / base > fraction:
+        if trial(mid) / scale > target.value:
             low = mid
         else:
             high = mid
     return high
 
 
+# A model's own record of the structured plans cut into it, in order (a plain attribute, so
+# copies carry it): `io.save` given only the last plan still writes every one.
+PLANS_ATTRIBUTE = "_secateurs_structured_plans"
+
+
+def applied_plans(model: nn.Module) -> list[StructuredPlan | dict[str, Any]]:
+    """The structured plans pruned or replayed into `model`, oldest first."""
+    return list(model.__dict__.get(PLANS_ATTRIBUTE, []))
+
+
+def _remember(model: nn.Module, plan: StructuredPlan | dict[str, Any]) -> None:
+    model.__dict__.setdefault(PLANS_ATTRIBUTE, []).append(plan)
+
+
 def replay(model: nn.Module, plan: StructuredPlan | dict[str, Any]) -> nn.Module:
-    """Cut a fresh `model` exactly as `plan` records, so saved weights load into it."""
+    """Cut a fresh `model` exactly as `plan` records, so saved weights load into it.
+
+    A plan.json of several cuts ("steps", as `io.save` writes a list) is replayed in order.
+    Raises WeightsMismatch when the plan was made on a model of another size (one of
+    several cuts saved alone).
+    """
     record = plan.to_dict() if isinstance(plan, StructuredPlan) else plan
+    if "steps" in record:
+        for step in record["steps"]:
+            if step.get("keeps"):
+                replay(model, step)
+        return model
+    before, params = record.get("params_before"), total_parameters(model)
+    if before and record.get("keeps") and before != params:
+        raise WeightsMismatch(f"the plan cuts a model of {before:,} parameters but this one has {params:,}: was it "
+                              "pruned more than once? save every plan, in order: save(model, dir, [first, second])")
     keeps = {}
     for key, kept in record.get("keeps", {}).items():
         name, _, dim = key.rpartition(":")
@@ -739,4 +874,5 @@ def replay(model: nn.Module, plan: StructuredPlan | dict[str, Any]) -> nn.Module
         bias_compensation.add_bias(module, torch.zeros(bias_compensation.out_in(module).shape[0]))
     if hf.is_hf_model(model):
         hf.update_config(model)
+    _remember(model, record)
     return model

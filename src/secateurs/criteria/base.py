@@ -20,6 +20,9 @@ from ..errors import InvalidArgument, MissingData
 from ..select import Target
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+# The losses a recipe or the command line names: (model output, targets) -> scalar.
+LOSSES: dict[str, LossFn] = {"cross_entropy": torch.nn.functional.cross_entropy,
+                             "mse": torch.nn.functional.mse_loss}
 Scores = dict[str, torch.Tensor]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -77,14 +78,29 @@ def layer_sparsity(run: RunRecord) -> str:
 
 def sensitivity(run: RunRecord) -> str:
     """The metric against the pruning ratio, one curve per layer or group."""
+    return _svg(sensitivity_figure(run.sensitivity, f"{run.name}: sensitivity (no recovery)"))
+
+
+def sensitivity_figure(curves: dict[str, list[list[float]]], title: str, metric: str = "metric") -> Any:
+    """A matplotlib figure of `curves` ({label: [[ratio, metric], ...]}), one line per label."""
     with plt.rc_context(_SVG_STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for layer, points in run.sensitivity.items():
+        for layer, points in curves.items():
             ratios, values = zip(*points)
             ax.plot(ratios, values, marker=".", label=layer)
         ax.set_xlabel("ratio pruned")
-        ax.set_ylabel("metric")
+        ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-        ax.set_title(f"{run.name}: sensitivity (no recovery)")
-    return _svg(fig)
+        ax.set_title(title)
+    return fig
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write `fig` to `path` (the suffix picks PNG, SVG, PDF...) with fixed ids and no date, and close it."""
+    path = Path(path)
+    with plt.rc_context(_SVG_STYLE):
+        metadata = {"Date": None} if path.suffix.lower() in (".svg", ".pdf") else {}
+        fig.savefig(path, bbox_inches="tight", metadata=metadata)
+    plt.close(fig)
+    return path
