@@ -19,12 +19,13 @@
      shapes): statistics (||X_j||^2 sums vs the Hessian), Wanda's score alone, Wanda's
      whole prune step (score, mask selection, zeroing) and SparseGPT's whole prune step;
    - the whole prune_llm call on each model.
-4. `--study`: what limits Wanda on MiniLM, measured on a development set (KJV verses of
-   the training books, never the evaluation sentences): calibration size and window
-   length, per-layer vs per-row comparison, OWL, and which kind of linear costs the
-   most fidelity when it alone is pruned.
+4. `--study`: what limits Wanda, measured on development text of the training books
+   (never the evaluation sentences or the held-out books): on MiniLM, calibration size
+   and window length, per-layer vs per-row comparison, OWL; on both models, the loss
+   when one kind of linear alone is pruned.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm.py [--quick] [--study] [--threads 1]
+        [--skip minilm|llama|timing|big|prune_llm ...]
 
 Prints one JSON object on stdout; progress goes to stderr.
 """
@@ -81,6 +82,7 @@ class Setup:
     minilm_windows: int          # calibration windows for MiniLM
     minilm_length: int
     sentences: int               # evaluation sentences per set
+    study_sentences: int         # development sentences of the --study
     llama_windows: int
     llama_length: int
     heldout_tokens: int | None   # None: the whole held-out text
@@ -92,12 +94,12 @@ class Setup:
     model_timing: bool           # time whole prune_llm calls
 
 
-FULL = Setup(minilm_windows=64, minilm_length=128, sentences=300, llama_windows=128, llama_length=256,
-             heldout_tokens=None, llama_high=True, owl=True, measure_error=True, timing_rounds=5, big_shapes=True,
-             model_timing=True)
-QUICK = Setup(minilm_windows=8, minilm_length=64, sentences=16, llama_windows=8, llama_length=128,
-              heldout_tokens=2048, llama_high=False, owl=False, measure_error=False, timing_rounds=1, big_shapes=False,
-              model_timing=False)
+FULL = Setup(minilm_windows=64, minilm_length=128, sentences=300, study_sentences=150, llama_windows=128,
+             llama_length=256, heldout_tokens=None, llama_high=True, owl=True, measure_error=True,
+             timing_rounds=5, big_shapes=True, model_timing=True)
+QUICK = Setup(minilm_windows=8, minilm_length=64, sentences=16, study_sentences=32, llama_windows=8,
+              llama_length=128, heldout_tokens=2048, llama_high=False, owl=False, measure_error=False,
+              timing_rounds=1, big_shapes=False, model_timing=False)
 
 
 def log(message: str) -> None:
@@ -192,8 +194,10 @@ def load_minilm() -> tuple[nn.Module, Any]:
 
 
 def mean_cosine(reference: torch.Tensor, model: nn.Module, tokenizer: Any, sentences: list[str]) -> float:
-    """Mean cosine of `model`'s sentence embeddings to the dense `reference` ones (evaluate.embedding_fidelity
-    with the dense side computed once)."""
+    """Mean cosine of `model`'s sentence embeddings to the dense model's `reference` ones.
+
+    evaluate.embedding_fidelity with the dense side computed once for every pruned copy.
+    """
     pruned = sentence_embeddings(model, tokenizer, sentences)
     return round(F.cosine_similarity(reference, pruned, dim=-1).mean().item(), 4)
 
@@ -237,7 +241,7 @@ def one_kind_runs(kinds: dict[str, tuple[str, ...]], quality: Callable[..., floa
 
 def minilm_study(setup: Setup, dense: nn.Module, tokenizer: Any, train_path: Any) -> dict[str, Any]:
     """Wanda variants at 50% on MiniLM, scored on the development sentences."""
-    dev = development_sentences(setup.sentences // 2)
+    dev = development_sentences(setup.study_sentences)
     n, length = setup.minilm_windows, setup.minilm_length
     reference = sentence_embeddings(dense, tokenizer, dev)
     windows: dict[tuple[int, int], list[dict]] = {}
@@ -420,7 +424,7 @@ def timing_section(dense: nn.Module, batches: list[dict], setup: Setup, whole: b
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small calibration and evaluation sets (smoke run)")
-    parser.add_argument("--study", action="store_true", help="also run the MiniLM Wanda study (slow)")
+    parser.add_argument("--study", action="store_true", help="also run the study of what limits Wanda (slow)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", choices=("minilm", "llama", "timing", "big", "prune_llm"), action="append",
                         default=[], help="leave a part out (big: the LLaMA-7B layer shapes; prune_llm: the "

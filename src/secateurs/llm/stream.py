@@ -407,9 +407,10 @@ def _stream_blocks(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, bl
 def _release_freed_memory() -> None:
     """Hand the memory freed with a block back to the system (glibc only; elsewhere a no-op).
 
-    glibc raises its mmap threshold after the first large free, so later tensors of a few MB
-    come from the heap, and the holes they leave between longer-lived objects are never
-    returned on their own: without this the resident set creeps up block after block.
+    glibc keeps freed heap memory for reuse, and tensors of a few MB land on the heap once
+    its mmap threshold has risen; the holes they leave between longer-lived objects are not
+    returned on their own. Without this, pruning a 45-block LLaMA saw the resident set
+    creep from 0.8 to 1.95 GB although no tensor outlived its block (benchmarks/llm_memory.py).
     """
     if sys.platform.startswith("linux"):
         trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent on musl
