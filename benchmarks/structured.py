@@ -8,7 +8,8 @@ the same L2-magnitude criterion:
   channel-uniform (local), classifier ignored;
 - secateurs `ratio=0.5`: half of every prunable group's channels / heads (local scope);
 - secateurs `target="macs=<f>"`: a global ratio searched so the MACs are at most the
-  fraction f that Torch-Pruning reached (f=0.25 when Torch-Pruning is absent).
+  fraction f that Torch-Pruning reached (f=0.25 when Torch-Pruning is absent);
+- the same target with `round_to=8`: every cut width a multiple of 8.
 
 Measured per arm: prune wall time (median of `--repeats` prunes, each of a fresh copy),
 MACs (secateurs' counter for every arm; Torch-Pruning's own count is reported next to
@@ -169,8 +170,9 @@ def bench(case: Case, repeats: int) -> dict:
     target = f"macs={fraction:.4f}"
     prunes["secateurs_ratio"] = lambda m: prune_structured(m, x1, 0.5)
     prunes["secateurs_target"] = lambda m: prune_structured(m, x1, target=target)
+    prunes["secateurs_target_round8"] = lambda m: prune_structured(m, x1, target=target, round_to=8)
     settings = {"torch_pruning": "pruning_ratio=0.5", "secateurs_ratio": "ratio=0.5",
-                "secateurs_target": f"target={target}"}
+                "secateurs_target": f"target={target}", "secateurs_target_round8": f"target={target}, round_to=8"}
     for arm, (model, timing) in timed_prunes(dense, prunes, repeats).items():
         extra = {}
         if arm == "torch_pruning":

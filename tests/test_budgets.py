@@ -159,3 +159,11 @@ def test_bad_threads_are_refused():
     model, x = mlp()
     with pytest.raises(InvalidArgument, match="threads must be a positive integer, got 0"):
         latency.latency_table(model, x, threads=0, cache=False)
+
+
+def test_a_table_timed_under_load_warns_that_its_predictions_are_unreliable(table_dir):
+    model, x = mlp()
+    table = latency.latency_table(model, x, threads=1, cache=table_dir)
+    table.dense_ms = table.timed_ms / 2          # as if the ops had been timed while the machine was busy
+    with pytest.warns(RuntimeWarning, match=r"ops timed alone sum to .* probably busy"):
+        latency._warn_if_inconsistent(table)

@@ -276,6 +276,39 @@ def test_trainer_callback_applies_the_schedule_inside_a_real_trainer(tmp_path):
         assert torch.count_nonzero(mp.param.detach()[~mp.mask]) == 0
 
 
+def test_lightning_callback_applies_the_schedule_inside_a_real_trainer(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from secateurs.recover import lightning_callback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    torch.manual_seed(0)
+    module = Module()
+    pruning = PruningCallback(module.net, AGPSchedule(0.5, end_step=4, start_step=0, frequency=2),
+                              {"types": [nn.Conv2d, nn.Linear]})
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[lightning_callback(pruning)])
+    x, y = (torch.cat(parts) for parts in zip(*tiny_batches(6)))
+    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 5
+    assert [step for step, _ in pruning.plans] == [2, 4]
+    sparsities = sc.sparsity_of(module.net)
+    assert sparsities and all(s == pytest.approx(0.5, abs=0.02) for s in sparsities.values())
+    for mp in sc.masked_params(module.net):   # step 5 trained on, with momentum: pruned weights stay zero
+        assert torch.count_nonzero(mp.param.detach()[~mp.mask]) == 0
+
+
 def test_callbacks_reject_bad_input():
     with pytest.raises(InvalidArgument, match="end_step"):
         AGPSchedule(0.5, end_step=3, start_step=3)
@@ -289,6 +322,8 @@ def test_callbacks_reject_bad_input():
         PruningCallback(tiny_cnn(), AGPSchedule(0.5, end_step=3), {"sparsity": 0.2})
     with pytest.raises(InvalidArgument, match="callback"):
         trainer_callback(object())
+    with pytest.raises(InvalidArgument, match="callback"):
+        sc.lightning_callback(object())
 
 
 # --- guard rails -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from .io import load, load_state, save
 from .measure import Measurement, count_macs, count_parameters, latency_ms, measure
 from .recover import (AGPSchedule, Callback, DistillHistory, GuardReport, GuardStep, IterativeSchedule,
                       PruningCallback, SparsityPenalty, distill, evaluate_accuracy, finetune, guarded_prune,
-                      kd_loss, recalibrate_bn, threshold_prune, trainer_callback)
+                      kd_loss, lightning_callback, recalibrate_bn, threshold_prune, trainer_callback)
 from .schedule import AGP, agp_sparsity, iterative_prune
 from .graph.groups import analyze
 from .select import select_targets
@@ -22,8 +22,12 @@ from .sparsity import apply_masks, finalize, keep_sparse, masked_params, sparsit
 
 __version__ = "0.1.0"
 
-# The pipeline's names load on first use: recipes bring pydantic and YAML, reports matplotlib.
-_LAZY = {"run_recipe": ".run", "load_recipe": ".recipe", "build_report": ".report"}
+# The pipeline's names load on first use: recipes bring pydantic and YAML, reports matplotlib,
+# the LLM path transformers. (The functions `sensitivity` and `allocate` stay in their modules,
+# whose names they share.)
+_LAZY = {"run_recipe": ".run", "load_recipe": ".recipe", "build_report": ".report",
+         "prune_by_sensitivity": ".sensitivity", "latency_table": ".latency", "quantize_int8": ".quantize",
+         "prune_checkpoint": ".llm.pipeline"}
 
 
 def __getattr__(name: str):
@@ -43,5 +47,5 @@ __all__ = [
     # recovery and the pipeline
     "AGPSchedule", "Callback", "DistillHistory", "GuardReport", "GuardStep", "IterativeSchedule", "PruningCallback",
     "build_report", "distill", "guarded_prune", "kd_loss", "load_recipe", "recalibrate_bn", "run_recipe",
-    "trainer_callback",
+    "trainer_callback", "lightning_callback", "prune_by_sensitivity", "latency_table", "quantize_int8", "prune_checkpoint",
 ]

@@ -19,6 +19,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -390,8 +391,24 @@ def latency_table(model: nn.Module, example_inputs: Any, *, threads: int | None 
             _write(path, record)
     timings = {s: OpTiming(**t) for s, t in record["timings"].items()}
     ops = [_TimedOp(p.signature, p.variables) for p in plans if p.signature in timings]
-    return LatencyTable(key, threads, record["torch_version"], record["dense_ms"], timings, ops,
-                        {t.index: t.shape for t in graph.tensors}, path)
+    table = LatencyTable(key, threads, record["torch_version"], record["dense_ms"], timings, ops,
+                         {t.index: t.shape for t in graph.tensors}, path)
+    _warn_if_inconsistent(table)
+    return table
+
+
+# Ops timed alone may sum to a little more than the model they come from (cache effects);
+# beyond this share of the dense latency the timings were taken under load.
+INCONSISTENT_SHARE = 1.1
+
+
+def _warn_if_inconsistent(table: LatencyTable) -> None:
+    """Warn when the ops timed alone cost more than the whole model: its predictions would be wrong."""
+    if table.dense_ms > 0 and table.timed_ms > INCONSISTENT_SHARE * table.dense_ms:
+        where = f" (cached in {table.path}; delete it to rebuild)" if table.path else ""
+        warnings.warn(f"latency table{where}: the ops timed alone sum to {table.timed_ms:.1f} ms, more than the "
+                      f"whole model's {table.dense_ms:.1f} ms; the machine was probably busy while it was built, "
+                      f"and latency predictions from it are unreliable", RuntimeWarning, stacklevel=3)
 
 
 def _build(model: nn.Module, example_inputs: Any, graph: Graph, plans: list[_Plan], key: str,

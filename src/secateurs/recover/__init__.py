@@ -1,6 +1,6 @@
 """Getting accuracy back after pruning."""
 from .batchnorm import recalibrate_bn
-from .callbacks import AGPSchedule, Callback, IterativeSchedule, PruningCallback, trainer_callback
+from .callbacks import AGPSchedule, Callback, IterativeSchedule, PruningCallback, lightning_callback, trainer_callback
 from .distill import DistillHistory, distill, distillation_gap, kd_loss
 from .finetune import evaluate_accuracy, finetune
 from .guard import GuardReport, GuardStep, guarded_prune
@@ -9,4 +9,4 @@ from .regularize import GroupLassoPenalty, SlimmingPenalty, SparsityPenalty, thr
 __all__ = ["AGPSchedule", "Callback", "DistillHistory", "GroupLassoPenalty", "GuardReport", "GuardStep",
            "IterativeSchedule", "PruningCallback", "SlimmingPenalty", "SparsityPenalty", "distill",
            "distillation_gap", "evaluate_accuracy", "finetune", "guarded_prune", "kd_loss", "recalibrate_bn",
-           "threshold_prune", "trainer_callback"]
+           "threshold_prune", "trainer_callback", "lightning_callback"]

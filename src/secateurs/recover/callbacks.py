@@ -9,9 +9,8 @@ optimizer does. Masks, not surgery, because a training loop's optimizer holds th
 parameter tensors: cutting them mid-training would leave it updating stale ones.
 
 `trainer_callback(callback)` wraps one for the transformers Trainer (an optional
-extra: `pip install 'secateurs[trainer]'`). There is no Lightning adapter: Lightning is
-not a dependency and could not be tested here; its `on_train_batch_end` hook can call
-`on_step_end(trainer.global_step)` the same way.
+extra: `pip install 'secateurs[trainer]'`), `lightning_callback(callback)` for a
+Lightning `Trainer` (`pip install 'secateurs[lightning]'`).
 """
 from __future__ import annotations
 
@@ -168,12 +167,61 @@ def _trainer_callback_class() -> type:
     return SecateursTrainerCallback
 
 
-def trainer_callback(callback: Callback) -> Any:
-    """A `transformers.TrainerCallback` that drives `callback`; pass it in `Trainer(callbacks=[...])`."""
+def _check_callback(callback: Any) -> None:
     if not isinstance(callback, Callback):
         raise InvalidArgument(f"callback must have on_train_begin, on_step_end and on_train_end "
                               f"(a PruningCallback), got {type(callback).__name__}")
+
+
+def trainer_callback(callback: Callback) -> Any:
+    """A `transformers.TrainerCallback` that drives `callback`; pass it in `Trainer(callbacks=[...])`."""
+    _check_callback(callback)
     return _trainer_callback_class()(callback)
 
 
-__all__ = ["AGPSchedule", "Callback", "IterativeSchedule", "PruningCallback", "trainer_callback"]
+# ------------------------------------------------------------------------ Lightning
+
+@functools.cache
+def _lightning_callback_class() -> type:
+    try:
+        from lightning.pytorch import Callback as LightningCallback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback as LightningCallback
+        except ImportError:
+            raise SecateursError("the Lightning callback needs Lightning: pip install 'secateurs[lightning]'") from None
+
+    class SecateursLightningCallback(LightningCallback):
+        """Forwards a Lightning Trainer's events to a secateurs callback (global_step is the step).
+
+        Lightning counts `global_step` in optimizer steps, and `on_train_batch_end` comes
+        after the batch's optimizer step, as `on_step_end` expects.
+        """
+
+        def __init__(self, callback: Callback):
+            self.callback = callback
+            self._last_step = 0
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.callback.on_train_begin()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = int(trainer.global_step)
+            if step > self._last_step:   # gradient accumulation: no optimizer step on this batch
+                self._last_step = step
+                self.callback.on_step_end(step)
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.callback.on_train_end()
+
+    return SecateursLightningCallback
+
+
+def lightning_callback(callback: Callback) -> Any:
+    """A Lightning `Callback` that drives `callback`; pass it in `lightning.Trainer(callbacks=[...])`."""
+    _check_callback(callback)
+    return _lightning_callback_class()(callback)
+
+
+__all__ = ["AGPSchedule", "Callback", "IterativeSchedule", "PruningCallback", "lightning_callback",
+           "trainer_callback"]
