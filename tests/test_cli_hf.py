@@ -163,6 +163,16 @@ def test_unstructured_folder_reloads_in_plain_transformers(zoo, tmp_path, capsys
     assert "| parameters |" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_threads_sets_the_runs_thread_count(zoo, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        metrics = prune_cli(zoo, "gpt2", tmp_path / "out", capsys, "--sparsity", "0.5", "--threads", "2",
+                            eval_file=False)
+    finally:
+        torch.set_num_threads(before)
+    assert metrics["threads"] == 2
+
+
 def test_stream_matches_the_in_memory_prune(zoo, tmp_path, capsys):
     metrics = prune_cli(zoo, "llama", tmp_path / "out", capsys, "--method", "wanda", "--sparsity", "0.5",
                         "--owl", "0.1", "--stream", eval_file=False)
@@ -310,6 +320,7 @@ BAD = [
     (["--ratio", "0.3"], "ratio=0.3 needs structured=True"),
     (["--stream", "--eval", "{zoo}/eval.txt"], "evaluation loads the whole model"),
     (["--weights", "w.safetensors"], "--weights does not apply with --hf"),
+    (["--threads", "0"], "argument --threads: must be a positive integer, got '0'"),
 ]
 
 

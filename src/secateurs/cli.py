@@ -41,6 +41,12 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _threads(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help=f"criterion: {', '.join(sorted(CRITERIA))}")
     p.add_argument("--sparsity", type=_ratio, default=None, help="fraction of selected weights set to zero, in [0, 1)")
@@ -63,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", default=None, help="structured budget: macs=0.5, params=0.3, bytes=0.5 (fractions) or latency_ms=5 (at --threads)")
     demo.add_argument("--out", default="runs/demo", help="directory for metrics.json and the pruned model")
     demo.add_argument("--finetune-epochs", type=int, default=3)
-    demo.add_argument("--threads", type=int, default=1, help="CPU threads for latency measurement")
+    demo.add_argument("--threads", type=_threads, default=1, help="CPU threads for latency measurement")
 
     p = sub.add_parser("prune", help="prune your own model, or a Hugging Face model folder (--hf)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -87,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (else the first calib input)")
     p.add_argument("--out", required=True, help="output directory (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads of the latency measurement (default 1); with --hf, of the whole run "
+                        "(default: torch's own count)")
     _add_hf_options(p)
 
     a = sub.add_parser("analyze", help="show every group of coupled channels and what blocks it")
@@ -260,6 +268,7 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
     if args.hf is not None:
         return run_prune_hf(args, console)
     _refuse_given(args, _HF_ONLY, "--model (it is for --hf)")
+    args.threads = args.threads or 1
     if args.weights is None:
         raise InvalidArgument("--model needs --weights (a .safetensors file or a torch file of plain tensors)")
     if args.structured:
@@ -325,6 +334,8 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     given = {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "seed": args.seed,
              "calib_windows": args.calib_windows, "seqlen": args.seqlen, "owl": args.owl, "eval_file": args.eval,
              "stream": args.stream, "structured": args.structured, "ratio": args.ratio, "target": args.target,

@@ -602,6 +602,7 @@ def _metrics(source: Path, target: Path, calib: str | Path, options: CheckpointO
         "pruning": pruned.record,
         "eval": dataclasses.asdict(quality) if quality is not None else None,
         "seconds": clock.total(),
+        "threads": torch.get_num_threads(),
         "versions": _versions(),
     }
 
