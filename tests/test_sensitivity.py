@@ -15,8 +15,8 @@ from secateurs.measure import count_macs, count_parameters
 from secateurs.recipe import parse_recipe
 from secateurs.recover import finetune
 from secateurs.report import build_report
-from secateurs.sensitivity import (Sensitivity, allocate, data_digest, mean_loss, prune_by_sensitivity, save_plot,
-                                   sensitivity)
+from secateurs.sensitivity import (Sensitivity, allocate, data_digest, mean_loss, prune_by_sensitivity,
+                                   prune_by_sensitivity_rounds, save_plot, sensitivity)
 
 from .test_recipe import project  # noqa: F401  (the tiny model, its weights, data and pipeline recipe)
 
@@ -124,6 +124,28 @@ def test_allocation_meets_the_macs_budget_and_predicts_no_more_loss_than_uniform
     assert plan.macs_after / plan.macs_before == pytest.approx(chosen.cost_fraction)
     assert plan.ratio == chosen.by_label()
     assert pruned(x).shape == model(x).shape
+
+
+def test_rounds_remeasure_the_curves_on_the_cut_model_and_meet_the_target(digits, tmp_path):
+    model, held_out, x = digits
+    pruned, measured = copy.deepcopy(model), []
+
+    def measure(m):
+        measured.append(count_macs(m, x)[0])
+        return sensitivity(m, x, mean_loss(held_out, F.cross_entropy), RATIOS, higher_is_better=False)
+
+    plans = prune_by_sensitivity_rounds(pruned, x, measure, "macs=0.2", rounds=3)
+    dense = count_macs(model, x)[0]
+    assert len(plans) == 3 and len(measured) == 3
+    assert measured[0] == dense and measured[0] > measured[1] > measured[2]   # each round sees the cut model
+    for r, plan in enumerate(plans, 1):                                        # round r: 0.2 ** (r / 3) of dense
+        assert plan.macs_after <= 0.2 ** (r / 3) * dense * (1 + 1e-9)
+    assert count_macs(pruned, x)[0] == plans[-1].macs_after <= 0.2 * dense
+    assert pruned(x).shape == model(x).shape
+    with pytest.raises(InvalidArgument, match="rounds must be a positive integer"):
+        prune_by_sensitivity_rounds(copy.deepcopy(model), x, measure, "macs=0.2", rounds=0)
+    with pytest.raises(InvalidArgument, match="measure must be a function"):
+        prune_by_sensitivity_rounds(copy.deepcopy(model), x, "curves", "macs=0.2")
 
 
 def test_allocation_meets_a_parameter_budget(digits, curves):

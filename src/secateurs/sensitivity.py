@@ -44,7 +44,7 @@ from .graph import trace
 from .graph.groups import analyze_graph
 from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
-from .structured import (SEARCH_STEPS, UNIT_KINDS, StructuredPlan, _choose, _cut, _estimated_cost, _keeps, _macs,
+from .structured import (GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, StructuredPlan, _choose, _cut, _estimated_cost, _keeps, _macs,
                          _protect_members, _score, _Scored, parse_target)
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -600,6 +600,40 @@ def prune_by_sensitivity(model: nn.Module, example_inputs: Any, curves: Sensitiv
     return _cut(model, example_inputs, scored, chosen, curves.method, chosen_allocation.by_label())
 
 
+def prune_by_sensitivity_rounds(model: nn.Module, example_inputs: Any, measure: Callable[[nn.Module], Sensitivity],
+                                target: str, rounds: int = 3) -> list[StructuredPlan]:
+    """Reach `target` in `rounds` cuts, measuring the curves again on the partly pruned model before each.
+
+    One set of curves measures each group alone on the dense model; deep cuts interact,
+    and the sum of one-group losses stops predicting the joint loss. Here round r brings
+    the cost to `fraction ** (r / rounds)` of the dense model's, allocated with curves
+    `measure(model)` takes on the model as the earlier rounds left it (a closure over
+    `sensitivity(...)` with your data; its cache keys on the weights, so each round
+    measures afresh). Returns the plans, one per round, oldest first.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InvalidArgument(f"rounds must be a positive integer, got {rounds!r}")
+    if not callable(measure):
+        raise InvalidArgument(f"measure must be a function model -> Sensitivity, got {type(measure).__name__}")
+    key, fraction = _budget(target)
+    def cost() -> float:
+        value = GRAPH_COSTS[key](trace(model, example_inputs), {})
+        if value is None:
+            raise IncompatibleLayer(f"the graph cannot count this model's {key} (an RNN runs as one op): "
+                                    "use target='params=...'")
+        return value
+
+    dense = cost()
+    plans = []
+    for r in range(1, rounds + 1):
+        now = cost()
+        wanted = dense * fraction ** (r / rounds) / now
+        if wanted >= 1.0:
+            continue   # an earlier round overshot this one's share
+        plans.append(prune_by_sensitivity(model, example_inputs, measure(model), f"{key}={wanted:.10g}"))
+    return plans
+
+
 __all__ = ["ALLOCATIONS", "Allocation", "DEFAULT_RATIOS", "GroupCurve", "METRICS", "MODES", "Sensitivity",
-           "allocate", "data_digest", "mean_loss", "prune_by_sensitivity", "save_plot", "sensitivity", "top1_accuracy",
+           "allocate", "data_digest", "mean_loss", "prune_by_sensitivity", "prune_by_sensitivity_rounds", "save_plot", "sensitivity", "top1_accuracy",
            "weights_digest"]
