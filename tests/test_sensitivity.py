@@ -213,6 +213,8 @@ stages:
     ("{structured: true, ratio: 0.5, allocation: sensitivity}", ["stages[0].prune", "target"]),
     ("{structured: true, target: macs=0.5, scope: global, allocation: sensitivity}", ["stages[0].prune", "scope"]),
     ("{sparsity: 0.5, allocation: sensitivity}", ["stages[0].prune", "structured: true"]),
+    ("{structured: true, target: macs=0.5, rounds: 2}", ["stages[0].prune", "rounds is for allocation"]),
+    ("{structured: true, target: macs=0.5, allocation: sensitivity, rounds: 0}", ["stages[0].prune.rounds"]),
 ])
 def test_recipe_allocation_is_validated(project, stage, words):  # noqa: F811
     text = SENSITIVE.replace("{structured: true, target: macs=0.5, allocation: sensitivity}", stage)
@@ -233,6 +235,33 @@ def test_a_run_with_sensitivity_allocation_reports_its_curves(project, tmp_path,
     assert list((run_dir / "sensitivity").glob("sensitivity-*.json"))
     report = build_report([run_dir], tmp_path / "report")
     assert 'id="run0_sensitivity"' in report.read_text()
+
+
+def test_a_run_in_rounds_records_every_cut_and_resumes_from_them(project, tmp_path, one_thread):  # noqa: F811
+    import secateurs.run as runner
+
+    recipe = project / "rounds.yaml"
+    recipe.write_text(SENSITIVE.replace("allocation: sensitivity}", "allocation: sensitivity, rounds: 2}"))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run_dir)]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    prune = metrics["stages"][0]["result"]
+    assert prune["macs_after"] <= 0.5 * prune["macs_before"] and len(prune["ratio"]) == 2
+    plans = json.loads((run_dir / "checkpoints" / "00-prune" / "plans.json").read_text())
+    assert len(plans) == 2 and plans[1]["plan"]["macs_before"] == plans[0]["plan"]["macs_after"]
+    assert len(list((run_dir / "sensitivity").glob("sensitivity-*.json"))) == 2   # measured again for round 2
+    crashed = tmp_path / "crashed"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(runner.STAGE_RUNNERS, "evaluate", crash)
+        with pytest.raises(RuntimeError, match="power cut"):
+            runner.run_recipe(recipe, crashed)
+    resumed = runner.run_recipe(recipe, crashed, resume=True)   # evaluate runs on both cuts replayed
+    assert resumed.ran == [1]
+    assert runner.without_timing(resumed.metrics["stages"]) == runner.without_timing(metrics["stages"])
 
 
 def test_command_line_writes_table_plot_and_reuses_its_cache(project, tmp_path, capsys):  # noqa: F811

@@ -140,6 +140,7 @@ class PruneStage(_Spec):
     batches: PositiveCount = 8              # calibration batches for data-aware scoring
     recalibrate_bn: bool = False            # re-estimate BatchNorm statistics right after the cut
     allocation: Literal["sensitivity"] | None = None   # per-group ratios from sensitivity curves (a target)
+    rounds: PositiveCount = 1               # allocation: sensitivity in this many cuts, curves re-measured before each
 
     @field_validator("method")
     @classmethod
@@ -163,9 +164,12 @@ class PruneStage(_Spec):
             if self.allocation is not None and (self.target is None or self.scope is not None):
                 raise ValueError("allocation: sensitivity picks each group's ratio to meet a target: give target "
                                  "(e.g. macs=0.25), not ratio or scope")
+            if self.rounds > 1 and self.allocation is None:
+                raise ValueError("rounds is for allocation: sensitivity (the curves are measured again before "
+                                 "each round's cut)")
         else:
-            if self.allocation is not None:
-                raise ValueError("allocation is for structured: true (with a target)")
+            if self.allocation is not None or self.rounds > 1:
+                raise ValueError("allocation and rounds are for structured: true (with a target)")
             if self.ratio is not None or self.target is not None:
                 raise ValueError("ratio and target are for structured: true; unstructured pruning takes sparsity or pattern")
             resolve_sparsity(self.sparsity, self.pattern)

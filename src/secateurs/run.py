@@ -175,13 +175,16 @@ def versions() -> dict[str, str]:
 def _prune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
     batches = p.data.shuffled(seed)[: options.batches]
     if options.structured:
-        plan, curves = _prune_channels(p, options, batches, seed)
-        result = {"method": plan.method, "ratio": plan.ratio, "macs_before": plan.macs_before,
-                  "macs_after": plan.macs_after, "params_before": plan.params_before, "params_after": plan.params_after}
+        plans, curves = _prune_channels(p, options, batches, seed)
+        first, plan = plans[0], plans[-1]
+        result = {"method": plan.method, "ratio": plan.ratio if len(plans) == 1 else [q.ratio for q in plans],
+                  "macs_before": first.macs_before, "macs_after": plan.macs_after,
+                  "params_before": first.params_before, "params_after": plan.params_after}
         if curves is not None:
             result["sensitivity"] = curves
         if plan.budget:    # a target search: the target, and the cost predicted and measured
             result["budget"] = plan.budget
+        p.plans += [{"kind": "structured", "plan": q.to_dict()} for q in plans[:-1]]
     else:
         plan = prune(p.model, options.method or "magnitude", options.sparsity, pattern=options.pattern,
                      scope=options.scope or "layer", data=batches, loss_fn=p.data.loss_fn, ignore=options.ignore,
@@ -195,26 +198,33 @@ def _prune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
     return result
 
 
-def _prune_channels(p: Pipeline, options: Any, batches: list[Any], seed: int) -> tuple[Any, dict[str, Any] | None]:
-    """Remove channels to the stage's ratio or target; returns the plan and, with allocation:
-    sensitivity, the curves that chose each group's ratio.
+def _prune_channels(p: Pipeline, options: Any, batches: list[Any],
+                    seed: int) -> tuple[list[Any], dict[str, Any] | None]:
+    """Remove channels to the stage's ratio or target; returns the plans (one per cut) and,
+    with allocation: sensitivity, the curves that chose each group's ratio (the first round's).
 
     The curves' metric is the mean loss on the stage's calibration batches (accuracy on
     training data saturates); they are cached in the run's sensitivity/ folder.
     """
     method = options.method or "l2"
     if options.allocation is None:
-        return prune_structured(p.model, p.data.example, options.ratio, target=options.target, method=method,
-                                scope=options.scope or "local", data=batches, loss_fn=p.data.loss_fn,
-                                ignore=options.ignore, seed=seed), None
-    from .sensitivity import data_digest, mean_loss, prune_by_sensitivity, sensitivity
+        return [prune_structured(p.model, p.data.example, options.ratio, target=options.target, method=method,
+                                 scope=options.scope or "local", data=batches, loss_fn=p.data.loss_fn,
+                                 ignore=options.ignore, seed=seed)], None
+    from .sensitivity import data_digest, mean_loss, prune_by_sensitivity_rounds, sensitivity
 
-    curves = sensitivity(p.model, p.data.example, mean_loss(batches, p.data.loss_fn), method=method,
-                         ignore=options.ignore, data=batches, loss_fn=p.data.loss_fn, higher_is_better=False,
-                         metric_name=f"{p.recipe.data.loss} loss", cache_dir=p.out_dir / "sensitivity",
-                         data_key=f"{p.recipe.data.loss}:{data_digest(batches)}", seed=seed)
-    plan = prune_by_sensitivity(p.model, p.data.example, curves, options.target, options.allocation)
-    return plan, curves.report_curves()
+    measured = []
+
+    def measure(model: nn.Module) -> Any:
+        measured.append(sensitivity(model, p.data.example, mean_loss(batches, p.data.loss_fn), method=method,
+                                    ignore=options.ignore, data=batches, loss_fn=p.data.loss_fn,
+                                    higher_is_better=False, metric_name=f"{p.recipe.data.loss} loss",
+                                    cache_dir=p.out_dir / "sensitivity",
+                                    data_key=f"{p.recipe.data.loss}:{data_digest(batches)}", seed=seed))
+        return measured[-1]
+
+    plans = prune_by_sensitivity_rounds(p.model, p.data.example, measure, options.target, options.rounds)
+    return plans, measured[0].report_curves()
 
 
 def _finetune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
