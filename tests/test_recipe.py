@@ -297,3 +297,17 @@ def test_int8_quantizes_linear_only_keeps_zeros_and_round_trips(project, tmp_pat
     loaded = load_int8(build().eval(), tmp_path / "q.safetensors")
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     assert torch.equal(loaded(x), quantized(x))
+
+
+def test_a_save_stage_with_onnx_writes_a_checked_file(project, tmp_path, one_thread):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    recipe = project / "onnx.yaml"
+    recipe.write_text(PIPELINE.replace("  - save: {}", "  - save: {onnx: true}").replace(
+        "dense.safetensors", str(project / "dense.safetensors")).replace(
+        "calib.safetensors", str(project / "calib.safetensors")))
+    result = runner.run_recipe(recipe, tmp_path / "run")
+    save = result.metrics["stages"][-1]["result"]
+    assert "model.onnx" in save["files"] and save["onnx"]["max_abs_diff"] < 1e-4
+    onnx.checker.check_model(str(tmp_path / "run" / "model" / "model.onnx"))

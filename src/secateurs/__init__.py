@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 # whose names they share.)
 _LAZY = {"run_recipe": ".run", "load_recipe": ".recipe", "build_report": ".report",
          "prune_by_sensitivity": ".sensitivity", "latency_table": ".latency", "quantize_int8": ".quantize",
-         "prune_checkpoint": ".llm.pipeline"}
+         "prune_checkpoint": ".llm.pipeline", "export_onnx": ".export"}
 
 
 def __getattr__(name: str):
@@ -47,5 +47,5 @@ __all__ = [
     # recovery and the pipeline
     "AGPSchedule", "Callback", "DistillHistory", "GuardReport", "GuardStep", "IterativeSchedule", "PruningCallback",
     "build_report", "distill", "guarded_prune", "kd_loss", "load_recipe", "recalibrate_bn", "run_recipe",
-    "trainer_callback", "lightning_callback", "prune_by_sensitivity", "latency_table", "quantize_int8", "prune_checkpoint",
+    "trainer_callback", "lightning_callback", "prune_by_sensitivity", "latency_table", "quantize_int8", "prune_checkpoint", "export_onnx",
 ]

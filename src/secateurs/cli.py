@@ -19,7 +19,8 @@ from .api import prune, resolve_sparsity
 from .criteria import CRITERIA, get_criterion
 from .criteria.base import LOSSES
 from .errors import FileProblem, InvalidArgument, SecateursError
-from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, save, sparse_bytes, staged_output
+from .io import (build_model, check_output_dir, dense_bytes, load, load_into, load_state, save, sparse_bytes,
+                 staged_output)
 from .measure import count_parameters, measure
 from .structured import BUDGETS, UNIT_KINDS, Target, parse_target, prune_structured
 
@@ -115,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="report directory (created; never a run directory)")
     rep.add_argument("--overwrite", action="store_true", help="replace files in a non-empty report directory")
     _add_sensitivity(sub)
+
+    e = sub.add_parser("export", help="write a pruned model folder as ONNX, checked against torch with onnxruntime")
+    e.add_argument("folder", help="what `secateurs prune` or a recipe's save stage wrote (weights + plan.json)")
+    e.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="the factory of the original model")
+    e.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
+    e.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
+    e.add_argument("--out", required=True, help="the .onnx file to write (never inside the input folder)")
+    e.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -483,8 +494,27 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace, console: Console) -> int:
+    from .export import export_onnx
+
+    folder, out = Path(args.folder), Path(args.out)
+    if not folder.is_dir():
+        raise FileProblem(f"model folder {args.folder} does not exist or is not a folder")
+    if folder.resolve() in out.resolve().parents:
+        raise FileProblem(f"--out {args.out} is inside the input folder {args.folder}: write it elsewhere")
+    example = _example_input(args.input_shape, args.input_dtype)
+    model = load(build_model(args.model), folder).eval()
+    with console.status("exporting to ONNX and checking it with onnxruntime"):
+        report = export_onnx(model, example, out, dynamic_batch=not args.static_batch, opset=args.opset,
+                             overwrite=args.overwrite)
+    batch = "dynamic batch" if report.dynamic_batch else "static batch"
+    console.print(f"wrote {report.path} ({report.bytes:,} bytes, opset {report.opset}, {batch}); onnxruntime "
+                  f"matches torch to {report.max_abs_diff:.2g} at batch sizes {report.batches_checked}")
+    return 0
+
+
 COMMANDS = {"demo": run_demo, "prune": run_prune, "analyze": run_analyze, "run": run_run, "report": run_report,
-            "sensitivity": run_sensitivity}
+            "sensitivity": run_sensitivity, "export": run_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

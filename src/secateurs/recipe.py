@@ -209,9 +209,11 @@ class EvaluateStage(_Spec):
 
 
 class SaveStage(_Spec):
-    """Write the model (dense and sparse safetensors, plan.json; model.int8.safetensors once quantized)."""
+    """Write the model (dense and sparse safetensors, plan.json; model.int8.safetensors once quantized;
+    model.onnx, the float model checked with onnxruntime, with onnx: true)."""
 
     path: str = "model"
+    onnx: bool = False
 
     @field_validator("path")
     @classmethod

@@ -263,9 +263,17 @@ def _save(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
         save(p.model, stage, [entry["plan"] for entry in p.plans])
         if p.quantized is not None:
             save_int8(p.quantized, stage / "model.int8.safetensors")
+        if options.onnx:   # the float model: int8 dynamic quantization does not export
+            from .export import export_onnx
+
+            exported = export_onnx(p.model, p.data.example, stage / "model.onnx")
     files = sorted(f.name for f in target.iterdir())
-    return {"path": options.path, "files": files,
-            "bytes": {name: (target / name).stat().st_size for name in files}}
+    result = {"path": options.path, "files": files,
+              "bytes": {name: (target / name).stat().st_size for name in files}}
+    if options.onnx:
+        result["onnx"] = {"opset": exported.opset, "dynamic_batch": exported.dynamic_batch,
+                          "max_abs_diff": exported.max_abs_diff}
+    return result
 
 
 STAGE_RUNNERS: dict[str, Callable[[Pipeline, Any, int], dict[str, Any]]] = {
