@@ -1,6 +1,8 @@
 """Saving and loading: safetensors, the sparse form, pickle refusal, clear mismatches."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -133,3 +135,30 @@ def test_two_structured_cuts_saved_with_only_the_last_plan_replay_both(tmp_path)
     sc.save(model, tmp_path / "alone", second)
     with pytest.raises(WeightsMismatch, match="pruned more than once"):
         sc.load(zoo.ZOO["resnet18"]()[0], tmp_path / "alone")
+
+
+def test_staging_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from secateurs.io import STAGE_OWNER, staged_output
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+
+    def stage(name, pid):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "half-written.bin").write_bytes(b"x" * 10)
+        if pid is not None:
+            (folder / STAGE_OWNER).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        return folder
+
+    killed = stage(".secateurs-killed", int(finished.stdout))    # its process has exited
+    running = stage(".secateurs-live", os.getpid())
+    users = stage(".secateurs-users-own", None)                  # no owner record: not ours to touch
+    with staged_output(tmp_path / "out") as folder:
+        (folder / "model.safetensors").write_bytes(b"weights")
+    assert not killed.exists() and running.exists() and users.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]   # no owner record

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -287,18 +288,58 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[str | os.PathLike]
     return out
 
 
+# Inside every staging folder: who made it, so that a later run can remove the folders of
+# processes that were killed before they could clean up (SIGKILL, a lost session).
+STAGE_OWNER = ".secateurs-owner.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def sweep_dead_stages(parent: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders in `parent` whose owner process (on this host) is gone; returns them.
+
+    Only folders holding a STAGE_OWNER record are touched, so nothing a user made is.
+    """
+    removed = []
+    for stage in Path(parent).glob(".secateurs-*"):
+        try:
+            owner = json.loads((stage / STAGE_OWNER).read_text())
+            dead = owner["host"] == socket.gethostname() and not _alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue   # not a staging folder of ours, or still being set up
+        if dead:
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """A temporary directory whose files move into `out_dir` only if the block succeeds."""
+    """A temporary directory whose files move into `out_dir` only if the block succeeds.
+
+    Staging folders left beside `out_dir` by killed runs are removed first.
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_dead_stages(out.parent)
     stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
     try:
+        (stage / STAGE_OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         yield stage
         out.mkdir(exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)
         for item in stage.iterdir():
+            if item.name == STAGE_OWNER:
+                continue
             item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)  # folders need their x bit
             os.replace(item, out / item.name)
     finally:
