@@ -148,6 +148,29 @@ def test_rounds_remeasure_the_curves_on_the_cut_model_and_meet_the_target(digits
         prune_by_sensitivity_rounds(copy.deepcopy(model), x, "curves", "macs=0.2")
 
 
+def test_allocation_meets_a_latency_budget_on_the_tables_prediction(digits, curves, tmp_path, monkeypatch):
+    import secateurs.latency as latency
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "TIME_PER_POINT_MS", 2.0)
+    model, _, x = digits
+    table = latency.latency_table(model, x, threads=1)   # cached: allocate reads these very timings
+    import secateurs.sensitivity as sens
+
+    scored = sens._traced(model, x, curves)
+    half = dict.fromkeys((c.index for c in curves.curves), 0.5)
+    budget = table.predict(sens._chosen_shapes(scored, sens._chosen(scored, half, None)))   # reachable for sure
+    assert budget < table.dense_ms
+    chosen = allocate(model, x, curves, f"latency_ms={budget},threads=1")
+    uniform = allocate(model, x, curves, f"latency_ms={budget},threads=1", "uniform")
+    assert chosen.cost_fraction * table.dense_ms <= budget * (1 + 1e-9) and chosen.predicted_loss <= uniform.predicted_loss
+    pruned = copy.deepcopy(model)
+    plan = prune_by_sensitivity(pruned, x, curves, f"latency_ms={budget},threads=1")
+    assert plan.ratio == chosen.by_label() and plan.macs_after < plan.macs_before
+    with pytest.raises(InvalidArgument, match="this meets a macs, params, bytes target"):
+        prune_by_sensitivity_rounds(copy.deepcopy(model), x, lambda m: curves, f"latency_ms={budget}")
+
+
 def test_allocation_meets_a_parameter_budget(digits, curves):
     model, _, x = digits
     pruned = copy.deepcopy(model)

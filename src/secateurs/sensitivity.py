@@ -44,8 +44,8 @@ from .graph import trace
 from .graph.groups import analyze_graph
 from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
-from .structured import (GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, StructuredPlan, _choose, _cut, _estimated_cost, _keeps, _macs,
-                         _protect_members, _score, _Scored, parse_target)
+from .structured import (GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, StructuredPlan, Target, _chosen_shapes, _choose,
+                         _cut, _keeps, _macs, _protect_members, _score, _Scored, parse_target)
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Bump when the cached record's meaning changes, so old files are recomputed rather than misread.
@@ -439,12 +439,11 @@ def save_plot(curves: Sensitivity, path: str | os.PathLike, title: str | None = 
 
 # ------------------------------------------------------------------------ allocation
 
-def _budget(target: str) -> tuple[str, float]:
+def _budget(target: str, keys: Sequence[str] = (*BUDGET_KEYS, "latency_ms")) -> Target:
     budget = parse_target(target)
-    if budget.key not in BUDGET_KEYS:
-        raise InvalidArgument(f"a sensitivity allocation meets a {', '.join(BUDGET_KEYS)} target (a fraction of "
-                              f"the dense model's), got {target!r}")
-    return budget.key, budget.value
+    if budget.key not in keys:
+        raise InvalidArgument(f"this meets a {', '.join(keys)} target, got {target!r}")
+    return budget
 
 
 def _traced(model: nn.Module, example_inputs: Any, curves: Sensitivity) -> _Scored:
@@ -468,18 +467,27 @@ def _traced(model: nn.Module, example_inputs: Any, curves: Sensitivity) -> _Scor
 
 
 class _Costs:
-    """Estimated cost of per-group ratios (from the graph, nothing cut) against the dense budget."""
+    """Estimated cost of per-group ratios against the budget, nothing cut: MACs, parameters or bytes
+    from the graph, or milliseconds predicted by the model's latency table (`secateurs.latency`)."""
 
-    def __init__(self, scored: _Scored, key: str, fraction: float, round_to: int | None):
-        if key == "macs" and graph_macs(scored.graph) is None:
+    def __init__(self, model: nn.Module, example_inputs: Any, scored: _Scored, budget: Target,
+                 round_to: int | None):
+        if budget.key == "macs" and graph_macs(scored.graph) is None:
             raise IncompatibleLayer("the graph cannot count this model's MACs (an RNN runs as one op), so a "
                                     "sensitivity allocation cannot cost its candidates: use target='params=...'")
-        self.scored, self.key, self.round_to = scored, key, round_to
-        self.base = self({})
-        self.budget = fraction * self.base
+        self.scored, self.key, self.round_to = scored, budget.key, round_to
+        if budget.key == "latency_ms":
+            from .latency import latency_table
 
-    def __call__(self, ratios: dict[int, float]) -> int:
-        return _estimated_cost(self.scored, self.key, _chosen(self.scored, ratios, self.round_to))
+            self.of = latency_table(model, example_inputs, threads=budget.threads, graph=scored.graph,
+                                    analysis=scored.analysis).predict
+        else:
+            self.of = lambda shapes: GRAPH_COSTS[budget.key](scored.graph, shapes)
+        self.base = self({})
+        self.budget = budget.value if budget.key == "latency_ms" else budget.value * self.base
+
+    def __call__(self, ratios: dict[int, float]) -> float:
+        return self.of(_chosen_shapes(self.scored, _chosen(self.scored, ratios, self.round_to)))
 
     def unreachable(self, target: str, top: float) -> InvalidArgument:
         left = self({g.index: top for g in self.scored.groups}) / self.base if self.base else 1.0
@@ -565,13 +573,13 @@ ALLOCATIONS: dict[str, Callable[[Sensitivity, _Costs, str], dict[int, float]]] =
 }
 
 
-def _allocation(scored: _Scored, curves: Sensitivity, target: str, allocation: str) -> Allocation:
+def _allocation(model: nn.Module, example_inputs: Any, scored: _Scored, curves: Sensitivity, target: str,
+                allocation: str) -> Allocation:
     if allocation not in ALLOCATIONS:
         raise InvalidArgument(f"unknown allocation {allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     if not isinstance(curves, Sensitivity):
         raise InvalidArgument(f"curves must be the Sensitivity that sensitivity() returns, got {type(curves).__name__}")
-    key, fraction = _budget(target)
-    costs = _Costs(scored, key, fraction, curves.round_to)
+    costs = _Costs(model, example_inputs, scored, _budget(target), curves.round_to)
     ratios = ALLOCATIONS[allocation](curves, costs, target) if curves.curves else {}
     return Allocation(allocation, target, ratios, {c.index: c.label for c in curves.curves},
                       _predicted(curves, ratios), costs(ratios) / costs.base if costs.base else 1.0)
@@ -584,7 +592,7 @@ def allocate(model: nn.Module, example_inputs: Any, curves: Sensitivity, target:
     `allocation="uniform"` gives every group the same ratio instead (the baseline to
     compare with). The model is traced, not cut; nothing changes.
     """
-    return _allocation(_traced(model, example_inputs, curves), curves, target, allocation)
+    return _allocation(model, example_inputs, _traced(model, example_inputs, curves), curves, target, allocation)
 
 
 def prune_by_sensitivity(model: nn.Module, example_inputs: Any, curves: Sensitivity, target: str,
@@ -595,7 +603,7 @@ def prune_by_sensitivity(model: nn.Module, example_inputs: Any, curves: Sensitiv
     `plan.ratio` holds the ratio each group got, by group label.
     """
     scored = _traced(model, example_inputs, curves)
-    chosen_allocation = _allocation(scored, curves, target, allocation)
+    chosen_allocation = _allocation(model, example_inputs, scored, curves, target, allocation)
     chosen = _chosen(scored, chosen_allocation.ratios, curves.round_to)
     return _cut(model, example_inputs, scored, chosen, curves.method, chosen_allocation.by_label())
 
@@ -615,7 +623,9 @@ def prune_by_sensitivity_rounds(model: nn.Module, example_inputs: Any, measure: 
         raise InvalidArgument(f"rounds must be a positive integer, got {rounds!r}")
     if not callable(measure):
         raise InvalidArgument(f"measure must be a function model -> Sensitivity, got {type(measure).__name__}")
-    key, fraction = _budget(target)
+    budget = _budget(target, BUDGET_KEYS)   # a latency budget is not a fraction to split into rounds
+    key, fraction = budget.key, budget.value
+
     def cost() -> float:
         value = GRAPH_COSTS[key](trace(model, example_inputs), {})
         if value is None:
