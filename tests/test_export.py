@@ -140,3 +140,27 @@ def test_head_pruned_hugging_face_llama_exports_with_keyword_inputs(tmp_path, on
     with torch.no_grad():
         expected = model(input_ids=other).logits.numpy()
     np.testing.assert_allclose(_ort(tmp_path / "llama.onnx", other)[0], expected, atol=1e-4, rtol=1e-3)
+
+
+def test_command_line_exports_a_hugging_face_folder(tmp_path, capsys, one_thread):
+    transformers = pytest.importorskip("transformers")
+    from secateurs.hf import save_pretrained
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4)
+    model = transformers.BertModel(config).eval()
+    ids = {"input_ids": torch.randint(0, 128, (2, 16))}
+    outside = [n for n, _ in model.named_parameters() if ".layer." not in n]
+    sc.prune_structured(model, ids, 0.5, units=["channel"], ignore=outside)   # MLP channels: plain transformers
+    save_pretrained(model, tmp_path / "bert")
+    code, out, err = run(["export", str(tmp_path / "bert"), "--hf", "--seqlen", "12",
+                          "--out", str(tmp_path / "bert.onnx")], capsys)
+    assert code == 0, err
+    other = torch.randint(0, 128, (3, 12))
+    with torch.no_grad():
+        expected = model(input_ids=other).last_hidden_state.numpy()
+    np.testing.assert_allclose(_ort(tmp_path / "bert.onnx", other)[0], expected, atol=1e-4, rtol=1e-3)
+    code, _, err = run(["export", str(tmp_path / "bert"), "--hf", "--input-shape", "1,3",
+                        "--out", str(tmp_path / "x.onnx")], capsys)
+    assert code == 2 and "--input-shape is for --model" in err and not (tmp_path / "x.onnx").exists()

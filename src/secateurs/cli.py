@@ -42,7 +42,7 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def _threads(text: str) -> int:
+def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", default=None, help="structured budget: macs=0.5, params=0.3, bytes=0.5 (fractions) or latency_ms=5 (at --threads)")
     demo.add_argument("--out", default="runs/demo", help="directory for metrics.json and the pruned model")
     demo.add_argument("--finetune-epochs", type=int, default=3)
-    demo.add_argument("--threads", type=_threads, default=1, help="CPU threads for latency measurement")
+    demo.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for latency measurement")
 
     p = sub.add_parser("prune", help="prune your own model, or a Hugging Face model folder (--hf)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (else the first calib input)")
     p.add_argument("--out", required=True, help="output directory (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
-    p.add_argument("--threads", type=_threads, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads of the latency measurement (default 1); with --hf, of the whole run "
                         "(default: torch's own count)")
     _add_hf_options(p)
@@ -118,9 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sensitivity(sub)
 
     e = sub.add_parser("export", help="write a pruned model folder as ONNX, checked against torch with onnxruntime")
-    e.add_argument("folder", help="what `secateurs prune` or a recipe's save stage wrote (weights + plan.json)")
-    e.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="the factory of the original model")
-    e.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
+    e.add_argument("folder", help="what `secateurs prune` or a recipe's save stage wrote (weights + plan.json); "
+                                  "with --hf, what `prune --hf` or save_pretrained wrote")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="MODULE:FACTORY", help="the factory of the original model")
+    source.add_argument("--hf", action="store_true", help="the folder is a Hugging Face model folder")
+    e.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (needed with --model)")
+    e.add_argument("--seqlen", type=_positive_int, default=16, help="--hf: tokens in the example input (default 16)")
     e.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
     e.add_argument("--out", required=True, help="the .onnx file to write (never inside the input folder)")
     e.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's")
@@ -502,8 +506,20 @@ def run_export(args: argparse.Namespace, console: Console) -> int:
         raise FileProblem(f"model folder {args.folder} does not exist or is not a folder")
     if folder.resolve() in out.resolve().parents:
         raise FileProblem(f"--out {args.out} is inside the input folder {args.folder}: write it elsewhere")
-    example = _example_input(args.input_shape, args.input_dtype)
-    model = load(build_model(args.model), folder).eval()
+    if args.hf:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing may download
+        from .hf import load_pretrained
+
+        if args.input_shape is not None:
+            raise InvalidArgument("--input-shape is for --model; with --hf the example is --seqlen token ids")
+        model = load_pretrained(folder).eval()
+        vocab = getattr(model.config, "vocab_size", 2)
+        example = {"input_ids": torch.randint(0, vocab, (1, args.seqlen), generator=torch.Generator().manual_seed(0))}
+    else:
+        if args.input_shape is None:
+            raise InvalidArgument("export --model needs --input-shape (e.g. 1,3,224,224)")
+        example = _example_input(args.input_shape, args.input_dtype)
+        model = load(build_model(args.model), folder).eval()
     with console.status("exporting to ONNX and checking it with onnxruntime"):
         report = export_onnx(model, example, out, dynamic_batch=not args.static_batch, opset=args.opset,
                              overwrite=args.overwrite)
