@@ -5,7 +5,8 @@ at batch 1 and 224x224), the table is built at `--threads` threads (time reporte
 reloaded from the cache), and for budgets of 0.8, 0.6 and 0.4 of the dense latency a
 copy is pruned with `target="latency_ms=<budget>,threads=<threads>"` (L2, global); the
 prediction for the cut (the search's own number) is compared with the cut model's
-latency measured by `secateurs.latency_ms` (median of `--repeats` calls). The dense
+latency measured by `secateurs.latency_ms` (median of `--repeats` calls); the checks the
+search made on cut copies before touching the model are listed too. The dense
 model is measured again at the end, so the drift of this shared machine shows.
 Prints one JSON object.
 
@@ -55,7 +56,9 @@ def run(name: str, threads: int, repeats: int) -> dict:
         rows.append({"budget_ms": round(budget, 2), "ratio": round(plan.ratio, 4),
                      "macs_fraction": round(plan.macs_after / plan.macs_before, 3),
                      "predicted_ms": round(predicted, 2), "measured_ms": round(measured, 2),
-                     "error": round(predicted / measured - 1, 3), "prune_seconds": round(seconds, 1)})
+                     "error": round(predicted / measured - 1, 3), "prune_seconds": round(seconds, 1),
+                     "checks": [{k: round(v, 4 if k == "ratio" else 2) for k, v in c.items()}
+                                for c in plan.budget.get("checks", [])]})
     return {"model": name, "threads": threads, "timed_ops": len(table.ops), "distinct_timings": len(table.timings),
             "dense_ms_in_table": round(table.dense_ms, 2), "timed_share": round(table.timed_ms / table.dense_ms, 3),
             "table_build_seconds": round(built, 1), "table_reload_seconds": round(reloaded, 2), "budgets": rows,

@@ -98,19 +98,36 @@ def test_predicted_latency_falls_as_the_ratio_grows(table_dir):
     assert predicted[-1] < predicted[0] == pytest.approx(table.dense_ms)
 
 
-def test_latency_target_meets_its_budget_on_the_prediction(table_dir, monkeypatch):
+def _halfway_budget(table_dir, monkeypatch):
+    """The MLP, its input and latency table, and a budget halfway between dense and the largest cut."""
     monkeypatch.setenv("SECATEURS_CACHE", str(table_dir))
     model, x = mlp()
     scored = _scored(model, x)
     table = latency.latency_table(model, x, threads=1, graph=scored.graph, analysis=scored.analysis)
     most = table.predict(structured._chosen_shapes(scored, structured._selection(scored, 0.9, "global", None, None)))
     budget = (most + table.dense_ms) / 2
+    return model, x, table, budget
+
+
+def test_latency_target_meets_its_budget_on_the_prediction(table_dir, monkeypatch):
+    model, x, table, budget = _halfway_budget(table_dir, monkeypatch)
     plan = prune_structured(model, x, target=f"latency_ms={budget},threads=1")
     record = plan.budget
     assert record["key"] == "latency_ms" and record["threads"] == 1 and record["limit"] == pytest.approx(budget)
     assert record["predicted"] <= budget < record["dense"] == table.dense_ms
     assert record["measured"] > 0 and record["table"] == str(table.path)
     assert model(x).shape == (32, 10) and plan.macs_after < plan.macs_before
+
+
+def test_a_cut_that_measures_over_the_budget_is_cut_further_before_the_model_is_touched(table_dir, monkeypatch):
+    model, x, table, budget = _halfway_budget(table_dir, monkeypatch)
+    measured = iter([1.3 * budget, 0.9 * budget, 0.9 * budget])   # the first cut runs slower than predicted
+    monkeypatch.setattr(structured, "latency_ms", lambda *args, **kwargs: next(measured))
+    plan = prune_structured(model, x, target=f"latency_ms={budget},threads=1")
+    first, second = plan.budget["checks"]
+    assert first["measured"] > budget >= second["measured"] == plan.budget["measured"]
+    assert second["ratio"] > first["ratio"] and plan.ratio == second["ratio"]
+    assert second["predicted"] <= budget * first["predicted"] / first["measured"] + 1e-9
 
 
 def test_an_impossible_latency_budget_is_one_line(table_dir, monkeypatch):

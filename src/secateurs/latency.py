@@ -141,12 +141,20 @@ class LatencyTable:
         return self.dense_ms - self.timed_ms
 
     def predict(self, shapes: Shapes | None = None) -> float:
-        """Predicted milliseconds of the model with its tensors cut to `shapes` (node -> shape; missing: dense)."""
+        """Predicted milliseconds of the model with its tensors cut to `shapes` (node -> shape; missing: dense).
+
+        Where the ops timed alone cost more than the whole model (a busy machine, or
+        per-call overhead that the model's own run hides), there is no remainder to add:
+        the timed sum is scaled down to the dense latency instead, so a prediction is
+        never negative.
+        """
         shapes = shapes or {}
-        total = self.remainder_ms
-        for op in self.ops:
-            total += self.timings[op.signature].at([self._fraction(v, shapes) for v in op.variables])
-        return total
+        timed = sum(self.timings[op.signature].at([self._fraction(v, shapes) for v in op.variables])
+                    for op in self.ops)
+        full = self.timed_ms
+        if full > self.dense_ms:
+            return timed * self.dense_ms / full
+        return self.remainder_ms + timed
 
     def _fraction(self, variable: list[tuple[int, int]], shapes: Shapes) -> float:
         """A width variable's kept fraction: the mean over its (node, dim)s."""

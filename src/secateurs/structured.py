@@ -478,9 +478,12 @@ def prune_structured(
             raise InvalidArgument(f"a per-group ratio dict needs scope='local', got scope={scope!r}")
     # One trace, one analysis and one scoring serve the ratio search and the cut alike.
     scored = _score(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore)
+    checks: list[dict[str, float]] = []
     if target is not None:
         cost = BUDGETS[budget.key].cost(model, example_inputs, scored, budget)
         ratio = _search_ratio(model, example_inputs, scored, budget, cost, round_to, max_ratio)
+        if budget.key == "latency_ms":
+            ratio, checks = _check_latency(model, example_inputs, scored, budget, cost, ratio, round_to, max_ratio)
     chosen = _selection(scored, ratio, scope, round_to, max_ratio)
     dense = bias_compensation.snapshot(model, Calibration(data, loss_fn)) if compensate else None
     plan = _cut(model, example_inputs, scored, chosen, criterion.name, ratio)
@@ -488,8 +491,45 @@ def prune_structured(
         _compensate(model, dense, plan)
     if target is not None:
         plan.budget = _budget_record(model, example_inputs, scored, chosen, plan, budget, cost)
+        if checks:
+            plan.budget["checks"] = checks
     _remember(model, plan)
     return plan
+
+
+# A latency cut is measured on a copy before the model is touched, and the search repeated
+# with the budget scaled by measured / predicted, at most this many times.
+LATENCY_CHECKS = 3
+
+
+def _check_latency(model: nn.Module, example_inputs: Any, scored: _Scored, budget: Target, cost: _Cost,
+                   ratio: float, round_to: int | None,
+                   max_ratio: float | dict[str, float] | None) -> tuple[float, list[dict[str, float]]]:
+    """The searched ratio, cut further until a cut copy measures within the budget; and each check.
+
+    The table predicts the sum of ops timed alone; the model as a whole can run a few
+    percent slower or faster. Where the measured cut misses the budget, the search runs
+    again for the budget times predicted / measured. A budget the largest allowed cut
+    cannot meet on that corrected scale keeps the last cut (its check says so).
+    """
+    checks = []
+    limit = budget.value
+    for _ in range(LATENCY_CHECKS):
+        chosen = _selection(scored, ratio, "global", round_to, max_ratio)
+        trial = copy.deepcopy(model)
+        _cut(trial, example_inputs, scored, chosen, "check", ratio, check=False)
+        predicted = cost.of(_chosen_shapes(scored, chosen))
+        measured = latency_ms(trial, example_inputs, threads=cost.threads)
+        checks.append({"ratio": ratio, "predicted": predicted, "measured": measured})
+        if measured <= budget.value:
+            break
+        limit *= predicted / measured
+        try:
+            ratio = _search_ratio(model, example_inputs, scored, Target(budget.key, limit, budget.threads), cost,
+                                  round_to, max_ratio)
+        except InvalidArgument:
+            break   # even the largest cut misses the corrected budget: keep the last one
+    return ratio, checks
 
 
 def _compensate(model: nn.Module, dense: bias_compensation.Snapshot, plan: StructuredPlan) -> None:
