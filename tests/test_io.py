@@ -143,7 +143,7 @@ def test_staging_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
     import subprocess
     import sys
 
-    from secateurs.io import STAGE_OWNER, staged_output
+    from secateurs.io import OWNER_SUFFIX, staged_output
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
 
@@ -152,13 +152,17 @@ def test_staging_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
         folder.mkdir()
         (folder / "half-written.bin").write_bytes(b"x" * 10)
         if pid is not None:
-            (folder / STAGE_OWNER).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+            (tmp_path / (name + OWNER_SUFFIX)).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
         return folder
 
     killed = stage(".secateurs-killed", int(finished.stdout))    # its process has exited
     running = stage(".secateurs-live", os.getpid())
     users = stage(".secateurs-users-own", None)                  # no owner record: not ours to touch
     with staged_output(tmp_path / "out") as folder:
+        assert list(folder.iterdir()) == []                      # empty: a nested output may check that
         (folder / "model.safetensors").write_bytes(b"weights")
-    assert not killed.exists() and running.exists() and users.exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]   # no owner record
+    assert not killed.exists() and not (tmp_path / (".secateurs-killed" + OWNER_SUFFIX)).exists()
+    assert running.exists() and users.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob(".secateurs-*")) == [
+        ".secateurs-live", ".secateurs-live" + OWNER_SUFFIX, ".secateurs-users-own"]   # ours cleaned up

@@ -288,9 +288,10 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[str | os.PathLike]
     return out
 
 
-# Inside every staging folder: who made it, so that a later run can remove the folders of
-# processes that were killed before they could clean up (SIGKILL, a lost session).
-STAGE_OWNER = ".secateurs-owner.json"
+# Beside every staging folder: who made it (`<folder>.owner.json`), so that a later run can
+# remove the folders of processes killed before they could clean up (SIGKILL, a lost
+# session). Beside, not inside: the folder itself must stay empty for nested outputs.
+OWNER_SUFFIX = ".owner.json"
 
 
 def _alive(pid: int) -> bool:
@@ -306,17 +307,19 @@ def _alive(pid: int) -> bool:
 def sweep_dead_stages(parent: str | os.PathLike) -> list[Path]:
     """Remove the staging folders in `parent` whose owner process (on this host) is gone; returns them.
 
-    Only folders holding a STAGE_OWNER record are touched, so nothing a user made is.
+    Only folders with an owner record beside them are touched, so nothing a user made is.
     """
     removed = []
-    for stage in Path(parent).glob(".secateurs-*"):
+    for record in Path(parent).glob(".secateurs-*" + OWNER_SUFFIX):
         try:
-            owner = json.loads((stage / STAGE_OWNER).read_text())
+            owner = json.loads(record.read_text())
             dead = owner["host"] == socket.gethostname() and not _alive(int(owner["pid"]))
         except (OSError, ValueError, KeyError, TypeError):
-            continue   # not a staging folder of ours, or still being set up
+            continue   # unreadable: leave it alone
         if dead:
+            stage = record.with_name(record.name[:-len(OWNER_SUFFIX)])
             shutil.rmtree(stage, ignore_errors=True)
+            record.unlink(missing_ok=True)
             removed.append(stage)
     return removed
 
@@ -331,19 +334,19 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_dead_stages(out.parent)
     stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
+    record = stage.with_name(stage.name + OWNER_SUFFIX)
     try:
-        (stage / STAGE_OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        record.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         yield stage
         out.mkdir(exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)
         for item in stage.iterdir():
-            if item.name == STAGE_OWNER:
-                continue
             item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)  # folders need their x bit
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        record.unlink(missing_ok=True)
 
 
 __all__ = ["load", "save", "load_state", "load_into", "save_weights", "dense_bytes", "sparse_bytes"]
