@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import pytest
 import torch
@@ -137,32 +139,38 @@ def test_two_structured_cuts_saved_with_only_the_last_plan_replay_both(tmp_path)
         sc.load(zoo.ZOO["resnet18"]()[0], tmp_path / "alone")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: abandoned staging folders are not swept")
 def test_staging_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
-    import json
-    import socket
-    import subprocess
-    import sys
+    import fcntl
 
-    from secateurs.io import OWNER_SUFFIX, staged_output
+    from secateurs.io import OWNER_SUFFIX, SWEEP_MIN_AGE_S, staged_output
 
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = time.time() - 2 * SWEEP_MIN_AGE_S
 
-    def stage(name, pid):
+    def stage(name, record=True, age=old):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "half-written.bin").write_bytes(b"x" * 10)
-        if pid is not None:
-            (tmp_path / (name + OWNER_SUFFIX)).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        if record:
+            owner = tmp_path / (name + OWNER_SUFFIX)
+            owner.write_text("{}")
+            os.utime(owner, (age, age))
         return folder
 
-    killed = stage(".secateurs-killed", int(finished.stdout))    # its process has exited
-    running = stage(".secateurs-live", os.getpid())
-    users = stage(".secateurs-users-own", None)                  # no owner record: not ours to touch
-    with staged_output(tmp_path / "out") as folder:
-        assert list(folder.iterdir()) == []                      # empty: a nested output may check that
-        (folder / "model.safetensors").write_bytes(b"weights")
+    killed = stage(".secateurs-killed")                   # nobody holds its lock: its process died
+    running = stage(".secateurs-live")                    # its owner (here: this test) holds the lock
+    holder = os.open(tmp_path / (".secateurs-live" + OWNER_SUFFIX), os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    young = stage(".secateurs-young", age=time.time())    # too new: its owner may not have locked it yet
+    users = stage(".secateurs-users-own", record=False)   # no owner record: not ours to touch
+    try:
+        with staged_output(tmp_path / "out") as folder:
+            assert list(folder.iterdir()) == []           # empty: a nested output may check that
+            (folder / "model.safetensors").write_bytes(b"weights")
+    finally:
+        os.close(holder)
     assert not killed.exists() and not (tmp_path / (".secateurs-killed" + OWNER_SUFFIX)).exists()
-    assert running.exists() and users.exists()
+    assert running.exists() and young.exists() and users.exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
-    assert sorted(p.name for p in tmp_path.glob(".secateurs-*")) == [
-        ".secateurs-live", ".secateurs-live" + OWNER_SUFFIX, ".secateurs-users-own"]   # ours cleaned up
+    assert sorted(p.name for p in tmp_path.glob(".secateurs-*") if not p.is_dir()) == [
+        ".secateurs-live" + OWNER_SUFFIX, ".secateurs-young" + OWNER_SUFFIX]   # ours cleaned up after itself

@@ -15,8 +15,14 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:   # Windows: no flock, so abandoned staging folders are not swept
+    fcntl = None
 
 import numpy as np
 import torch
@@ -288,39 +294,51 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[str | os.PathLike]
     return out
 
 
-# Beside every staging folder: who made it (`<folder>.owner.json`), so that a later run can
-# remove the folders of processes killed before they could clean up (SIGKILL, a lost
-# session). Beside, not inside: the folder itself must stay empty for nested outputs.
+# Beside every staging folder, a lock file (`<folder>.owner.json`) its process holds an
+# exclusive flock on while the folder is in use. The kernel drops the lock when the process
+# dies however it dies (SIGKILL, a lost session), so a later run that can take the lock
+# knows the folder is abandoned and removes it; across containers and PID namespaces too,
+# where a pid means nothing. Beside, not inside: the folder must stay empty for nested
+# outputs. Without flock (Windows) nothing is swept.
 OWNER_SUFFIX = ".owner.json"
+# A record younger than this is never swept: its owner may not have locked it yet.
+SWEEP_MIN_AGE_S = 60.0
 
 
-def _alive(pid: int) -> bool:
+def _lock(fd: int, wait: bool) -> bool:
+    """Take an exclusive flock on `fd`; False when another process holds it (and not `wait`)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
         return False
-    except PermissionError:   # someone else's live process
-        return True
     return True
 
 
 def sweep_dead_stages(parent: str | os.PathLike) -> list[Path]:
-    """Remove the staging folders in `parent` whose owner process (on this host) is gone; returns them.
+    """Remove the staging folders in `parent` whose owner has gone (its lock is free); returns them.
 
-    Only folders with an owner record beside them are touched, so nothing a user made is.
+    Only folders with an unlocked owner record beside them, older than SWEEP_MIN_AGE_S,
+    are touched, so nothing a user made and nothing in use is.
     """
-    removed = []
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
     for record in Path(parent).glob(".secateurs-*" + OWNER_SUFFIX):
         try:
-            owner = json.loads(record.read_text())
-            dead = owner["host"] == socket.gethostname() and not _alive(int(owner["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue   # unreadable: leave it alone
-        if dead:
+            if time.time() - record.stat().st_mtime < SWEEP_MIN_AGE_S:
+                continue
+            fd = os.open(record, os.O_RDONLY)
+        except OSError:
+            continue   # gone meanwhile, or unreadable: leave it alone
+        try:
+            if not _lock(fd, wait=False):
+                continue   # its owner is alive
             stage = record.with_name(record.name[:-len(OWNER_SUFFIX)])
             shutil.rmtree(stage, ignore_errors=True)
             record.unlink(missing_ok=True)
             removed.append(stage)
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -335,8 +353,12 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
     sweep_dead_stages(out.parent)
     stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
     record = stage.with_name(stage.name + OWNER_SUFFIX)
+    fd = None
     try:
-        record.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        if fcntl is not None:
+            fd = os.open(record, os.O_CREAT | os.O_WRONLY, 0o644)
+            _lock(fd, wait=True)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
         yield stage
         out.mkdir(exist_ok=True)
         umask = os.umask(0)
@@ -346,7 +368,9 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        record.unlink(missing_ok=True)
+        if fd is not None:
+            record.unlink(missing_ok=True)
+            os.close(fd)   # releases the lock
 
 
 __all__ = ["load", "save", "load_state", "load_into", "save_weights", "dense_bytes", "sparse_bytes"]
