@@ -164,3 +164,45 @@ def test_command_line_exports_a_hugging_face_folder(tmp_path, capsys, one_thread
     code, _, err = run(["export", str(tmp_path / "bert"), "--hf", "--input-shape", "1,3",
                         "--out", str(tmp_path / "x.onnx")], capsys)
     assert code == 2 and "--input-shape is for --model" in err and not (tmp_path / "x.onnx").exists()
+
+
+class _SideInputs(torch.nn.Module):
+    """Keyword inputs, a side input whose first dimension is not the batch, and a bool output."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x, scale, offset):
+        y = self.linear(x * scale + offset)
+        return y, y.sum(-1) > 0
+
+
+def test_keyword_inputs_in_any_order_side_inputs_and_bool_outputs(tmp_path, one_thread):
+    torch.manual_seed(0)
+    model = _SideInputs()
+    inputs = {"offset": torch.randn(4), "scale": torch.tensor(2.0), "x": torch.randn(2, 4)}   # not forward's order
+    report = export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert report.batches_checked == [1, 2, 3] and report.converted_from is None
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "scale", "offset"]
+    assert session.get_inputs()[2].shape == [4]                      # the side input keeps its size
+
+
+def test_half_precision_models_are_exported_in_float32(tmp_path, one_thread):
+    torch.manual_seed(0)
+    model = _SideInputs().to(torch.bfloat16)
+    inputs = {"x": torch.randn(2, 4), "scale": torch.tensor(2.0), "offset": torch.randn(4)}
+    report = export_onnx(model, {k: v.to(torch.bfloat16) for k, v in inputs.items()}, tmp_path / "m.onnx")
+    assert report.converted_from == "bfloat16"
+    assert next(model.parameters()).dtype == torch.bfloat16          # the user's model is left as it was
+    got = _ort(tmp_path / "m.onnx", inputs["x"], inputs["scale"], inputs["offset"])[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model.float()(**inputs)[0].numpy(), atol=1e-5)
+
+
+def test_an_opset_the_exporter_does_not_honour_is_refused(tmp_path, one_thread):
+    with pytest.raises(IncompatibleLayer, match="not the requested 99"):
+        export_onnx(_SideInputs(), (torch.randn(2, 4), torch.tensor(1.0), torch.randn(4)), tmp_path / "sub" / "m.onnx",
+                    opset=99)
+    assert not (tmp_path / "sub").exists()                           # nothing left, not even the folder

@@ -296,17 +296,27 @@ def test_lightning_callback_applies_the_schedule_inside_a_real_trainer(tmp_path)
     module = Module()
     pruning = PruningCallback(module.net, AGPSchedule(0.5, end_step=4, start_step=0, frequency=2),
                               {"types": [nn.Conv2d, nn.Linear]})
+    x, y = (torch.cat(parts) for parts in zip(*tiny_batches(6)))
+    wrapped = lightning_callback(pruning)
     trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[lightning_callback(pruning)])
-    x, y = (torch.cat(parts) for parts in zip(*tiny_batches(6)))
-    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+                         callbacks=[wrapped])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer.fit(module, loader)
     assert trainer.global_step == 5
     assert [step for step, _ in pruning.plans] == [2, 4]
     sparsities = sc.sparsity_of(module.net)
     assert sparsities and all(s == pytest.approx(0.5, abs=0.02) for s in sparsities.values())
     for mp in sc.masked_params(module.net):   # step 5 trained on, with momentum: pruned weights stay zero
         assert torch.count_nonzero(mp.param.detach()[~mp.mask]) == 0
+    # a second fit with the same callback (a new Trainer counts steps from 0 again) keeps the zeros too
+    seen = []
+    module.net.register_forward_pre_hook(lambda m, a: seen.append(float((m.conv1.weight == 0).float().mean())))
+    again = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                       callbacks=[wrapped])
+    again.fit(module, loader)
+    assert len(seen) == 3 and all(z == pytest.approx(0.5, abs=0.02) for z in seen)
 
 
 def test_callbacks_reject_bad_input():

@@ -142,6 +142,9 @@ def test_rounds_remeasure_the_curves_on_the_cut_model_and_meet_the_target(digits
         assert plan.macs_after <= 0.2 ** (r / 3) * dense * (1 + 1e-9)
     assert count_macs(pruned, x)[0] == plans[-1].macs_after <= 0.2 * dense
     assert pruned(x).shape == model(x).shape
+    whole = copy.deepcopy(model)   # a target already met: the last round still gives a plan, cutting nothing
+    (kept,) = prune_by_sensitivity_rounds(whole, x, measure, "macs=1.0", rounds=3)
+    assert kept.macs_after == kept.macs_before == dense
     with pytest.raises(InvalidArgument, match="rounds must be a positive integer"):
         prune_by_sensitivity_rounds(copy.deepcopy(model), x, measure, "macs=0.2", rounds=0)
     with pytest.raises(InvalidArgument, match="measure must be a function"):
@@ -167,8 +170,11 @@ def test_allocation_meets_a_latency_budget_on_the_tables_prediction(digits, curv
     pruned = copy.deepcopy(model)
     plan = prune_by_sensitivity(pruned, x, curves, f"latency_ms={budget},threads=1")
     assert plan.ratio == chosen.by_label() and plan.macs_after < plan.macs_before
-    with pytest.raises(InvalidArgument, match="this meets a macs, params, bytes target"):
-        prune_by_sensitivity_rounds(copy.deepcopy(model), x, lambda m: curves, f"latency_ms={budget}")
+    with pytest.raises(InvalidArgument, match="rounds > 1 needs a macs, params or bytes target"):
+        prune_by_sensitivity_rounds(copy.deepcopy(model), x, lambda m: curves, f"latency_ms={budget}", rounds=2)
+    one = copy.deepcopy(model)   # one round takes any target prune_by_sensitivity takes
+    (plan,) = prune_by_sensitivity_rounds(one, x, lambda m: curves, f"latency_ms={budget},threads=1", rounds=1)
+    assert plan.ratio == chosen.by_label()
 
 
 def test_allocation_meets_a_parameter_budget(digits, curves):

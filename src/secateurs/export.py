@@ -19,6 +19,7 @@ import inspect
 import io
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class ExportReport:
     dynamic_batch: bool
     max_abs_diff: float          # over every output, on every batch checked
     batches_checked: list[int]
+    converted_from: str | None = None   # the model's fp16 / bf16 dtypes, exported as float32
 
 
 def _modules() -> tuple[Any, Any]:
@@ -61,38 +63,57 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
 
 
-def _with_batch(args: tuple, kwargs: dict, size: int) -> tuple[tuple, dict]:
-    """The inputs with every tensor's first dimension resized to `size` (rows repeated)."""
+def _batched(t: Any, batch: int) -> bool:
+    """A tensor input whose first dimension is the batch (side inputs of other sizes are left alone)."""
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
+
+
+def _with_batch(args: tuple, kwargs: dict, batch: int, size: int) -> tuple[tuple, dict]:
+    """The inputs with every batched tensor's first dimension resized from `batch` to `size` (rows repeated)."""
     def resize(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        if not _batched(t, batch):
             return t
-        index = torch.arange(size) % t.shape[0]
-        return t.index_select(0, index.to(t.device))
+        return t.index_select(0, (torch.arange(size) % batch).to(t.device))
     return pytree.tree_map(resize, (args, kwargs))
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """Dim 0 of every tensor input dynamic, one entry per input: positional ones, then the
-    keyword ones in the order `forward` declares them (as torch.export reads a tuple)."""
-    batch = torch.export.Dim("batch", min=1)
-    mark = lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None  # noqa: E731
+def _dynamic_shapes(args: tuple, kwargs: dict, batch: int) -> tuple:
+    """Dim 0 of every batched tensor input dynamic, one entry per input, positional then keyword
+    (the keyword inputs already in the order the exporter reads them)."""
+    dim = torch.export.Dim("batch", min=1)
+    mark = lambda t: {0: dim} if _batched(t, batch) else None  # noqa: E731
+    return tuple(mark(a) for a in args) + tuple(mark(v) for v in kwargs.values())
+
+
+def _in_signature_order(model: nn.Module, kwargs: dict) -> dict:
     declared = list(inspect.signature(model.forward).parameters)
-    keys = sorted(kwargs, key=lambda k: declared.index(k) if k in declared else len(declared))
-    return tuple(mark(a) for a in args) + tuple(mark(kwargs[k]) for k in keys)
+    return {k: kwargs[k] for k in sorted(kwargs, key=lambda k: declared.index(k) if k in declared else len(declared))}
 
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The exporter prints its steps and warns about torchvision ops and more: keep a CLI's output clean."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The exporter prints its steps, graph dumps and warnings: keep a CLI's output to one line."""
+    names = ["torch", "onnxscript"] + [n for n in logging.root.manager.loggerDict
+                                        if n.startswith(("torch", "onnxscript"))]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _one_line(exc: BaseException) -> str:
+    while exc.__cause__ is not None:   # the exporter wraps the real reason
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
 
 
 def _check(session: Any, model: nn.Module, args: tuple, kwargs: dict, atol: float, rtol: float) -> float:
@@ -100,7 +121,10 @@ def _check(session: Any, model: nn.Module, args: tuple, kwargs: dict, atol: floa
     with torch.no_grad():
         expected = _tensors(model(*args, **kwargs))
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), _tensors((args, kwargs)))}
-    got = session.run(None, feeds)
+    try:
+        got = session.run(None, feeds)
+    except Exception as exc:   # noqa: BLE001 - onnxruntime raises its own kinds
+        raise IncompatibleLayer(f"onnxruntime cannot run the exported model: {_one_line(exc)}") from None
     if len(got) != len(expected):
         raise IncompatibleLayer(f"the ONNX model returns {len(got)} outputs where torch returns {len(expected)}")
     worst = 0.0
@@ -108,11 +132,27 @@ def _check(session: Any, model: nn.Module, args: tuple, kwargs: dict, atol: floa
         e = e.detach().cpu().numpy()
         if o.shape != e.shape:
             raise IncompatibleLayer(f"ONNX output {i} has shape {o.shape}, torch's {e.shape}")
-        worst = max(worst, float(np.abs(o - e).max()) if o.size else 0.0)
+        if not np.issubdtype(e.dtype, np.floating):
+            if not np.array_equal(o, e):
+                raise IncompatibleLayer(f"ONNX output {i} ({e.dtype}) differs from torch's")
+            continue
+        gap = float(np.abs(o - e).max()) if o.size else 0.0
+        worst = max(worst, gap)
         if not np.allclose(o, e, atol=atol, rtol=rtol):
-            raise IncompatibleLayer(f"ONNX output {i} differs from torch's by up to {np.abs(o - e).max():.3g} "
+            raise IncompatibleLayer(f"ONNX output {i} differs from torch's by up to {gap:.3g} "
                                     f"(atol {atol}, rtol {rtol}) at batch {len(o) if o.ndim else 1}")
     return worst
+
+
+def _as_float32(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, str | None]:
+    """fp16 / bf16 models and inputs as float32 (onnxruntime's CPU kernels lack most of them)."""
+    dtypes = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return args, kwargs, None
+    model.float()
+    to32 = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    args, kwargs = pytree.tree_map(to32, (args, kwargs))
+    return args, kwargs, ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes - {torch.float32}))
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, dynamic_batch: bool = True,
@@ -121,7 +161,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     """Write `model` as ONNX to `path`, checked with onnxruntime against torch; returns the report.
 
     `example_inputs`: a tensor, a tuple of them, or a dict of keyword tensors, as for
-    `prune_structured`. `path` must not exist unless `overwrite`.
+    `prune_structured`. The batch is the first dimension of the first input tensor; every
+    input whose first dimension has that size is batched. fp16 / bf16 models are exported
+    in float32. Weights over 2 GB go to `<path>.data` beside the file, as ONNX requires.
+    `path` must not exist unless `overwrite`.
     """
     onnx, onnxruntime = _modules()
     from .quantize import quantized_layers
@@ -139,42 +182,60 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     model = copy.deepcopy(model).eval()
     finalize(model)   # masks folded into plain zeroed weights: no buffers or hooks left to export
     args, kwargs = _split_inputs(model, example_inputs)
+    kwargs = _in_signature_order(model, kwargs)   # the order the exporter pairs dynamic shapes with
     if not _tensors((args, kwargs)):
         raise InvalidArgument("example_inputs holds no tensor to export the model with")
+    args, kwargs, converted = _as_float32(model, args, kwargs)
     first = _tensors((args, kwargs))[0]
-    batches = [first.shape[0] if first.dim() else 1]
-    if dynamic_batch:
-        # torch.export fixes a dimension of size 1 for good: trace with 2 rows, then check other sizes
-        args, kwargs = _with_batch(args, kwargs, max(2, batches[0]))
-        batches = sorted({batches[0], max(2, batches[0]), 3})
+    batch = first.shape[0] if first.dim() else 1
+    batches = [batch]
     options: dict[str, Any] = {"dynamo": True, "verbose": False}
     if dynamic_batch:
-        options["dynamic_shapes"] = _dynamic_shapes(model, args, kwargs)
+        # torch.export fixes a dimension of size 1 for good: trace with 2 rows, then check other sizes
+        args, kwargs = _with_batch(args, kwargs, batch, max(2, batch))
+        options["dynamic_shapes"] = _dynamic_shapes(args, kwargs, max(2, batch))
+        batches = sorted({1, 2, 3, batch})
+        batch = max(2, batch)
     if opset is not None:
         options["opset_version"] = opset
+    made_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=".secateurs-", suffix=".onnx", dir=out.parent)
-    os.close(handle)
+    stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
+    staged = stage / out.name   # large weights land beside it as <name>.data: both move together
     try:
         try:
             with torch.no_grad(), _quiet_exporter():
                 program = torch.onnx.export(model, args, kwargs=kwargs or None, **options)
-            program.save(staging)
+                program.save(str(staged))
         except Exception as exc:   # noqa: BLE001 - the exporter raises many kinds; one line names it
-            while exc.__cause__ is not None:   # the exporter wraps the real reason
-                exc = exc.__cause__
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise IncompatibleLayer(f"torch.onnx.export failed: {type(exc).__name__}: {first[:300]}") from None
-        onnx.checker.check_model(staging)
-        session = onnxruntime.InferenceSession(staging, providers=["CPUExecutionProvider"])
-        worst = max(_check(session, model, *_with_batch(args, kwargs, size), atol, rtol) for size in batches)
-        os.replace(staging, out)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-    imports = onnx.load(str(out), load_external_data=False).opset_import
-    used = next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
-    return ExportReport(str(out), out.stat().st_size, int(used), dynamic_batch, worst, batches)
+            hint = " (an input whose first dimension is not the batch? try dynamic_batch=False / --static-batch)" \
+                if dynamic_batch else ""
+            raise IncompatibleLayer(f"torch.onnx.export failed: {_one_line(exc)}{hint}") from None
+        imports = onnx.load(str(staged), load_external_data=False).opset_import
+        used = next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
+        if opset is not None and used != opset:
+            raise IncompatibleLayer(f"the exporter wrote opset {used}, not the requested {opset}")
+        try:
+            onnx.checker.check_model(str(staged))
+            session = onnxruntime.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+        except Exception as exc:   # noqa: BLE001 - onnx and onnxruntime raise their own kinds
+            raise IncompatibleLayer(f"onnxruntime cannot load the exported model: {_one_line(exc)}") from None
+        worst = max(_check(session, model, *_with_batch(args, kwargs, batch, size), atol, rtol) for size in batches)
+        stale = out.with_name(out.name + ".data")
+        if stale.exists() and not (stage / stale.name).exists():
+            stale.unlink()   # an earlier export's weights, which this file does not use
+        written = 0
+        for item in stage.iterdir():
+            written += item.stat().st_size
+            os.replace(item, out.parent / item.name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made_parent:
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()   # only if nothing but our stage was ever in it
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return ExportReport(str(out), written, int(used), dynamic_batch, worst, batches, converted)
 
 
 __all__ = ["ExportReport", "export_onnx"]

@@ -623,7 +623,12 @@ def prune_by_sensitivity_rounds(model: nn.Module, example_inputs: Any, measure: 
         raise InvalidArgument(f"rounds must be a positive integer, got {rounds!r}")
     if not callable(measure):
         raise InvalidArgument(f"measure must be a function model -> Sensitivity, got {type(measure).__name__}")
-    budget = _budget(target, BUDGET_KEYS)   # a latency budget is not a fraction to split into rounds
+    if rounds == 1:   # one cut: any target prune_by_sensitivity takes, latency included
+        return [prune_by_sensitivity(model, example_inputs, measure(model), target)]
+    try:
+        budget = _budget(target, BUDGET_KEYS)   # a latency budget is not a fraction to split into rounds
+    except InvalidArgument:
+        raise InvalidArgument(f"rounds > 1 needs a macs, params or bytes target, got {target!r}") from None
     key, fraction = budget.key, budget.value
 
     def cost() -> float:
@@ -639,7 +644,9 @@ def prune_by_sensitivity_rounds(model: nn.Module, example_inputs: Any, measure: 
         now = cost()
         wanted = dense * fraction ** (r / rounds) / now
         if wanted >= 1.0:
-            continue   # an earlier round overshot this one's share
+            if r < rounds:
+                continue   # an earlier round overshot this one's share
+            wanted = 1.0   # the last round always cuts (perhaps nothing), so there is a plan
         plans.append(prune_by_sensitivity(model, example_inputs, measure(model), f"{key}={wanted:.10g}"))
     return plans
 

@@ -203,6 +203,7 @@ def _lightning_callback_class() -> type:
             self._last_step = 0
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self._last_step = int(trainer.global_step)   # a second fit (or a resumed one) starts here
             self.callback.on_train_begin()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
