@@ -179,9 +179,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                                 "and quantize the ONNX file with onnxruntime.quantization.quantize_dynamic")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise InvalidArgument(f"opset must be an integer >= 7, got {opset!r}")
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).eval().cpu()   # an ONNX file has no device; checked on onnxruntime's CPU
     finalize(model)   # masks folded into plain zeroed weights: no buffers or hooks left to export
-    args, kwargs = _split_inputs(model, example_inputs)
+    args, kwargs = pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t,
+                                   _split_inputs(model, example_inputs))
     kwargs = _in_signature_order(model, kwargs)   # the order the exporter pairs dynamic shapes with
     if not _tensors((args, kwargs)):
         raise InvalidArgument("example_inputs holds no tensor to export the model with")
