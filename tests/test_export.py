@@ -136,10 +136,12 @@ def test_head_pruned_hugging_face_llama_exports_with_keyword_inputs(tmp_path, on
     sc.prune_structured(model, ids, 0.5, ignore=outside)
     assert model.config.num_key_value_heads == 1
     export_onnx(model, ids, tmp_path / "llama.onnx")
+    export_onnx(model, ids["input_ids"], tmp_path / "positional.onnx")   # a plain tensor: no cache either
     other = torch.randint(0, 128, (3, 16))
     with torch.no_grad():
         expected = model(input_ids=other).logits.numpy()
-    np.testing.assert_allclose(_ort(tmp_path / "llama.onnx", other)[0], expected, atol=1e-4, rtol=1e-3)
+    for name in ("llama.onnx", "positional.onnx"):
+        np.testing.assert_allclose(_ort(tmp_path / name, other)[0], expected, atol=1e-4, rtol=1e-3)
 
 
 def test_command_line_exports_a_hugging_face_folder(tmp_path, capsys, one_thread):

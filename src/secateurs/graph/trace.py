@@ -13,6 +13,7 @@ flattened with torch's pytree and marked as graph outputs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -241,14 +242,16 @@ def _module_ops(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
 
 def _split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
-        kwargs = dict(example_inputs)
-        if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in kwargs:
-            # a Hugging Face KV cache is an output whose widths rightly change with the heads
-            kwargs["use_cache"] = False
-        return (), kwargs
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in kwargs \
+            and "use_cache" in inspect.signature(model.forward).parameters:
+        # a Hugging Face KV cache is an output whose widths rightly change with the heads
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 def _run(model: nn.Module, args: tuple, kwargs: dict, fake: bool) -> Graph:
