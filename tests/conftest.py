@@ -46,3 +46,16 @@ def tiny_cnn(seed: int = 0) -> TinyCNN:
 def tiny_batches(n: int = 3, batch: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 4, 4, 4, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def merge_argv(argv: dict[str, str], extra: list[str]) -> list[str]:
+    """`argv` (option -> value) with `extra`'s options replacing their values, its flags appended."""
+    argv, flags, i = dict(argv), [], 0
+    while i < len(extra):
+        if extra[i] in argv:
+            argv[extra[i]] = extra[i + 1]
+            i += 2
+        else:
+            flags.append(extra[i])
+            i += 1
+    return [x for kv in argv.items() for x in kv] + flags

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from secateurs.cli import main
+from tests.conftest import merge_argv
 
 FACTORY = textwrap.dedent("""
     import torch
@@ -105,17 +106,7 @@ BAD = [
 
 @pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_one_line_exit_2_nothing_written(project, capsys, extra, message):
-    argv = {"--model": "usermodels:build", "--weights": "w.safetensors", "--out": "out"}
-    flags = []
-    i = 0
-    while i < len(extra):
-        if extra[i] in argv:
-            argv[extra[i]] = extra[i + 1]
-            i += 2
-        else:
-            flags.append(extra[i])
-            i += 1
-    args = ["prune"] + [x for kv in argv.items() for x in kv] + flags
+    args = ["prune"] + merge_argv({"--model": "usermodels:build", "--weights": "w.safetensors", "--out": "out"}, extra)
     before = {p.name: digest(p) for p in project.iterdir() if p.is_file()}
     code, out, err = run(args, capsys)
     assert code == 2

@@ -21,6 +21,7 @@ from secateurs.errors import InvalidArgument, MissingData  # noqa: E402
 from secateurs.llm.data import kjv_verses  # noqa: E402
 from secateurs.llm.pipeline import prune_checkpoint, prune_hf_model  # noqa: E402
 from secateurs.llm.tiny import train_tokenizer  # noqa: E402
+from tests.conftest import merge_argv  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -334,16 +335,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(zoo, tmp_path, capsys, ext
             "--sparsity": "0.5"}
     if "--structured" in extra:
         del argv["--sparsity"]
-    flags, i = [], 0
-    while i < len(extra):
-        if extra[i] in argv:
-            argv[extra[i]] = extra[i + 1]
-            i += 2
-        else:
-            flags.append(extra[i])
-            i += 1
+    merged = merge_argv(argv, extra)
+    options, flags = merged[:2 * len(argv)], merged[2 * len(argv):]
     before = digest(zoo)
-    code, _, err = run(["prune", *[x for kv in argv.items() for x in kv], *CALIB, *flags], capsys)
+    code, _, err = run(["prune", *options, *CALIB, *flags], capsys)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -44,7 +44,7 @@ from .graph import trace
 from .graph.groups import analyze_graph
 from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
-from .structured import (GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, StructuredPlan, Target, _chosen_shapes, _choose,
+from .structured import (BUDGETS, GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, StructuredPlan, Target, _chosen_shapes, _choose,
                          _cut, _keeps, _macs, _protect_members, _score, _Scored, parse_target)
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -476,13 +476,8 @@ class _Costs:
             raise IncompatibleLayer("the graph cannot count this model's MACs (an RNN runs as one op), so a "
                                     "sensitivity allocation cannot cost its candidates: use target='params=...'")
         self.scored, self.key, self.round_to = scored, budget.key, round_to
-        if budget.key == "latency_ms":
-            from .latency import latency_table
-
-            self.of = latency_table(model, example_inputs, threads=budget.threads, graph=scored.graph,
-                                    analysis=scored.analysis).predict
-        else:
-            self.of = lambda shapes: GRAPH_COSTS[budget.key](scored.graph, shapes)
+        # the target search's own costing: the graph's counts, or the latency table's prediction
+        self.of = BUDGETS[budget.key].cost(model, example_inputs, scored, budget).of
         self.base = self({})
         self.budget = budget.value if budget.key == "latency_ms" else budget.value * self.base
 
