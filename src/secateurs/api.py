@@ -9,7 +9,7 @@ from torch import nn
 
 from .allocate import NORMALIZERS, SCOPES, global_masks, layer_masks, nm_masks, row_masks
 from .criteria import Calibration, Criterion, get_criterion
-from .criteria.base import LossFn
+from .batches import LossFn
 from .errors import IncompatibleLayer, InvalidArgument
 from .select import Target, select_targets
 from .sparsity import MASK_SUFFIX, parse_pattern, set_mask

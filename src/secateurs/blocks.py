@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .criteria.base import Calibration, LossFn, eval_mode, model_device
+from .batches import Calibration, LossFn, eval_mode, mean_loss, model_device
 from .errors import IncompatibleLayer, InvalidArgument, MissingData
 from .measure import _call, count_parameters
 
@@ -219,20 +219,11 @@ def _influence(model: nn.Module, blocks: Sequence[str], run: Callable[[], None])
     return {n: 1.0 - sums[n] / counts[n] if counts[n] else 0.0 for n in blocks}
 
 
-def _mean_loss(model: nn.Module, data: Iterable[Any], loss_fn: LossFn) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad(), eval_mode(model):
-        for args, kwargs, targets in _batches(model, data):
-            total += float(loss_fn(model(*args, **kwargs), targets))
-            count += 1
-    return total / count
-
-
 def block_loss(model: nn.Module, blocks: Sequence[str], data: Iterable[Any], loss_fn: LossFn,
                returns: dict[str, int | None] | None = None) -> dict[str, float]:
     """Block name -> mean calibration loss with the block skipped, minus the loss of the whole model."""
     data = list(data)  # walked once per block
-    base = _mean_loss(model, data, loss_fn)
+    base = mean_loss(model, data, loss_fn)
     returns = returns or {}
     scores = {}
     for name in blocks:
@@ -240,7 +231,7 @@ def block_loss(model: nn.Module, blocks: Sequence[str], data: Iterable[Any], los
         block = container[index]
         container[index] = _stand_in(name, returns.get(name, 0))
         try:
-            scores[name] = _mean_loss(model, data, loss_fn) - base
+            scores[name] = mean_loss(model, data, loss_fn) - base
         finally:
             container[index] = block
     return scores

@@ -17,7 +17,7 @@ from rich.table import Table
 from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
 from .criteria import CRITERIA, get_criterion
-from .criteria.base import LOSSES
+from .batches import LOSSES
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .io import (build_model, check_output_dir, dense_bytes, load, load_into, load_state, save, sparse_bytes,
                  staged_output)

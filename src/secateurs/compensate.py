@@ -10,13 +10,13 @@ bias get one (a Hugging Face config that needs a flag for it says so: see `hf.fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from .criteria.base import Calibration, eval_mode, forward_hooks, run_batches
+from .batches import Calibration, eval_mode, forward_hooks, run_batches
 from .errors import MissingData
+from .layers import is_conv1d, is_linear_like, weight_out_in
 
 
 @dataclass
@@ -27,17 +27,13 @@ class Snapshot:
     means: dict[str, torch.Tensor]      # module name -> mean input feature, [in]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    return {name: m for name, m in model.named_modules() if is_linear_like(m)}
 
 
 def out_in(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (transformers' Conv1D stores [in, out])."""
-    return module.weight.detach().t() if _is_conv1d(module) else module.weight.detach()
+    return weight_out_in(module).detach()
 
 
 def snapshot(model: nn.Module, calibration: Calibration) -> Snapshot:
@@ -73,7 +69,7 @@ def compensate(model: nn.Module, snap: Snapshot, keeps: dict[str, list[int]]) ->
     changed = []
     layers = _linear_layers(model)
     for name, weight in snap.weights.items():
-        in_dim = 0 if _is_conv1d(layers.get(name, nn.Identity())) else 1
+        in_dim = 0 if is_conv1d(layers.get(name, nn.Identity())) else 1
         kept_in = _kept(keeps, f"{name}.weight", in_dim)
         module = layers.get(name)
         if kept_in is None or module is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,15 @@ import torch
 from torch import nn
 
 from .errors import FileProblem, InvalidArgument, MissingData
-from .io import WEIGHTS_FILE, check_output_dir, load_into, load_state, save_weights, staged_output
+from .io import (
+    WEIGHTS_FILE,
+    check_output_dir,
+    load_into,
+    load_state,
+    save_weights,
+    staged_output,
+)
+from .layers import out_features
 
 PLAN_FILE = "secateurs_plan.json"
 
@@ -51,49 +58,15 @@ def is_hf_model(model: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------ GPT-2 Conv1D
 
-def _conv1d_keep_out(conv: nn.Module, keep: Any) -> None:
-    from .surgery import _checked_keep, _take
-
-    keep = _checked_keep(conv, keep, conv.weight.shape[1], "output features")
-    _take(conv, "weight", 1, keep)
-    _take(conv, "bias", 0, keep)
-    conv.nf = len(keep)
-
-
-def _conv1d_keep_in(conv: nn.Module, keep: Any) -> None:
-    from .surgery import _checked_keep, _take
-
-    keep = _checked_keep(conv, keep, conv.weight.shape[0], "input features")
-    _take(conv, "weight", 0, keep)
-    if hasattr(conv, "nx"):
-        conv.nx = len(keep)
-
-
-def _conv1d_role(local: str, dim: int) -> str | None:
-    if local == "bias" or (local == "weight" and dim == 1):
-        return "out"
-    return "in" if local == "weight" else None
-
-
 def register_conv1d() -> None:
-    """Teach surgery and the structured engine transformers' Conv1D, if transformers is loaded."""
-    utils = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(utils, "Conv1D", None)
-    if conv1d is None:
-        return
-    from . import structured, surgery
-
-    surgery.OUT_SURGERY.setdefault(conv1d, _conv1d_keep_out)
-    surgery.IN_SURGERY.setdefault(conv1d, _conv1d_keep_in)
-    structured.ROLES.setdefault(conv1d, _conv1d_role)
+    """Kept for compatibility: surgery and the structured cut know transformers' Conv1D natively
+    (`secateurs.layers.is_conv1d`), so there is nothing left to register."""
 
 
 # --------------------------------------------------------------------- config fitting
 
 def _out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):
-        return module.out_features
-    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+    return out_features(module)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:

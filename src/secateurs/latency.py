@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cache import cache_dir
 from .errors import InvalidArgument
 from .graph.groups import Analysis, analyze_graph
 from .graph.trace import Graph, OpNode, Ref, trace
@@ -350,8 +351,6 @@ def _structure_key(graph: Graph, threads: int) -> str:
 
 def default_cache() -> Path:
     """Where latency tables are kept: $SECATEURS_CACHE/latency (else ~/.cache/secateurs/latency)."""
-    from .examples.digits import cache_dir
-
     return cache_dir() / "latency"
 
 

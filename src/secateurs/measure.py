@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
-from .criteria.base import eval_mode
+from .batches import eval_mode
 from .graph.trace import Graph, Ref
 from .io import dense_bytes, sparse_bytes
 

@@ -34,7 +34,7 @@ import yaml
 from torch import nn
 
 from .api import prune
-from .criteria.base import LOSSES
+from .batches import LOSSES
 from .errors import FileProblem, InvalidArgument
 from .io import build_model, check_output_dir, load_into, load_state, save, staged_output
 from .io import _encode as encode_state

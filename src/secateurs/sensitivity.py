@@ -37,15 +37,31 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import LossFn
+from .batches import mean_loss as batches_mean_loss
 from .criteria import Calibration, Criterion, get_criterion
-from .criteria.base import LossFn, eval_mode, model_device, split_batch, to_device
 from .errors import IncompatibleLayer, InvalidArgument
 from .graph import trace
 from .graph.groups import analyze_graph
 from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
-from .structured import (BUDGETS, GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, StructuredPlan, Target, _chosen_shapes, _choose,
-                         _cut, _keeps, _macs, _protect_members, _score, _Scored, parse_target)
+from .structured import (
+    BUDGETS,
+    GRAPH_COSTS,
+    SEARCH_STEPS,
+    UNIT_KINDS,
+    StructuredPlan,
+    Target,
+    _choose,
+    _chosen_shapes,
+    _cut,
+    _keeps,
+    _macs,
+    _protect_members,
+    _score,
+    _Scored,
+    parse_target,
+)
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Bump when the cached record's meaning changes, so old files are recomputed rather than misread.
@@ -142,17 +158,7 @@ def mean_loss(batches: Iterable[Any], loss_fn: LossFn) -> Evaluate:
     """An evaluate function: the mean of `loss_fn(model(inputs), targets)` over (inputs, targets) batches."""
     batches = list(batches)
 
-    def evaluate(model: nn.Module) -> float:
-        total, seen = 0.0, 0
-        device = model_device(model)
-        with torch.no_grad(), eval_mode(model):
-            for batch in batches:
-                args, kwargs, labels = split_batch(to_device(batch, device))
-                total += float(loss_fn(model(*args, **kwargs), labels)) * len(labels)
-                seen += len(labels)
-        return total / seen if seen else 0.0
-
-    return evaluate
+    return lambda model: batches_mean_loss(model, batches, loss_fn)
 
 
 def top1_accuracy(batches: Iterable[Any], loss_fn: LossFn | None = None) -> Evaluate:
@@ -427,7 +433,7 @@ def sensitivity(
 
 def save_plot(curves: Sensitivity, path: str | os.PathLike, title: str | None = None) -> Path:
     """Write the curves (one line per group, the metric against the ratio) as PNG or SVG, by `path`'s suffix."""
-    from .report import plots     # matplotlib only when a plot is asked for
+    from .report import plots  # matplotlib only when a plot is asked for
 
     suffix = Path(path).suffix.lower()
     if suffix not in (".png", ".svg", ".pdf"):

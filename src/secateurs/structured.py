@@ -28,14 +28,23 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from . import compensate as bias_compensation
 from . import hf, surgery
 from .api import check_ratio
+from .batches import LossFn
 from .criteria import Calibration, Criterion, get_criterion
-from .criteria.base import LossFn
 from .errors import IncompatibleLayer, InvalidArgument, MissingData, WeightsMismatch
 from .graph import trace
 from .graph.groups import Analysis, Group, analyze_graph
 from .graph.trace import Graph, _leaves, _split_inputs
-from .measure import (count_macs, graph_bytes, graph_macs, graph_params, latency_ms, macs_and_output,
-                      tensor_bytes, total_parameters)
+from .layers import is_conv1d
+from .measure import (
+    count_macs,
+    graph_bytes,
+    graph_macs,
+    graph_params,
+    latency_ms,
+    macs_and_output,
+    tensor_bytes,
+    total_parameters,
+)
 from .select import select_targets
 
 _CONV_LIKE = (nn.Linear, nn.modules.conv._ConvNd)
@@ -245,8 +254,8 @@ def _keeps(analysis: Analysis, groups: dict[int, Group], chosen: dict[int, list[
     return keeps
 
 
-# Layer class -> (parameter name, dim) -> "out" / "in" / None, for layers outside torch.nn
-# (transformers' Conv1D is added by `hf.register_conv1d`).
+# Layer class -> (parameter name, dim) -> "out" / "in" / None, for a user's layers outside torch.nn
+# (transformers' Conv1D is known natively: `layers.is_conv1d`).
 ROLES: dict[type, Callable[[str, int], str | None]] = {}
 
 
@@ -255,6 +264,8 @@ def _role(module: nn.Module, local: str, dim: int) -> str | None:
     for cls in type(module).__mro__:
         if cls in ROLES:
             return ROLES[cls](local, dim)
+    if is_conv1d(module) and local in ("weight", "bias"):   # weight [in, out]
+        return "out" if local == "bias" or dim == 1 else "in"
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and local in ("weight", "bias"):
         return "out" if local == "bias" or dim == 1 else "in"
     if isinstance(module, _CONV_LIKE) and local in ("weight", "bias"):
@@ -315,7 +326,6 @@ def _cut_rnn(rnn: nn.RNNBase, keeps: dict[tuple[str, int], torch.Tensor]) -> Non
 
 def apply_keeps(model: nn.Module, keeps: dict[tuple[str, int], torch.Tensor]) -> None:
     """Cut every (parameter, dim) down to its kept positions, module by module."""
-    hf.register_conv1d()
     tied = _tied_parameters(model)
     calls: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
     heads: dict[int, tuple[nn.MultiheadAttention, torch.Tensor]] = {}

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import IncompatibleLayer, InvalidArgument
+from .layers import is_conv1d
 from .sparsity import MASK_SUFFIX
 
 Keep = Union[torch.Tensor, Sequence[int]]
@@ -646,6 +647,21 @@ def keep_param_dim(module: nn.Module, param_name: str, dim: int, keep: Keep) -> 
     _take(module, param_name, dim, keep)
 
 
+def _conv1d_keep_out(conv: nn.Module, keep: Keep) -> None:
+    """transformers' Conv1D (weight [in, out]): keep output features."""
+    keep = _checked_keep(conv, keep, conv.weight.shape[1], "output features")
+    _take(conv, "weight", 1, keep)
+    _take(conv, "bias", 0, keep)
+    conv.nf = len(keep)
+
+
+def _conv1d_keep_in(conv: nn.Module, keep: Keep) -> None:
+    keep = _checked_keep(conv, keep, conv.weight.shape[0], "input features")
+    _take(conv, "weight", 0, keep)
+    if hasattr(conv, "nx"):
+        conv.nx = len(keep)
+
+
 # ------------------------------------------------------------------------ registries
 
 OUT_SURGERY: dict[type, Surgery] = {
@@ -673,10 +689,18 @@ IN_SURGERY: dict[type, Surgery] = {
 """Layer class -> function removing input channels; looked up along the MRO."""
 
 _REGISTRIES = {"out": OUT_SURGERY, "in": IN_SURGERY}
+# Layer types recognised by a predicate rather than a class known at import (transformers' Conv1D).
+_RECOGNISED: tuple[tuple[Callable[[nn.Module], bool], dict[str, Surgery]], ...] = (
+    (is_conv1d, {"out": _conv1d_keep_out, "in": _conv1d_keep_in}),
+)
 
 
 def _lookup(registry: dict[type, Surgery], module: nn.Module) -> Optional[Surgery]:
     """The registry's function for the nearest class in `module`'s MRO, or None."""
+    role = "out" if registry is OUT_SURGERY else "in"
+    for recognise, by_role in _RECOGNISED:
+        if recognise(module):
+            return by_role[role]
     for cls in type(module).__mro__:
         if cls in registry:
             return registry[cls]

@@ -17,7 +17,15 @@ from torch import nn
 
 from ..errors import IncompatibleLayer
 from ..select import Target
-from .base import Calibration, Criterion, Scores, broadcast_channels, channel_axis, forward_hooks, run_batches
+from .base import (
+    Calibration,
+    Criterion,
+    Scores,
+    broadcast_channels,
+    channel_axis,
+    forward_hooks,
+    run_batches,
+)
 
 _FOLLOWERS = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,

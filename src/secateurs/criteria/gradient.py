@@ -13,7 +13,14 @@ from torch import nn
 
 from ..errors import MissingData
 from ..select import Target
-from .base import Calibration, Criterion, Scores, eval_mode, model_device, requiring_grad
+from .base import (
+    Calibration,
+    Criterion,
+    Scores,
+    eval_mode,
+    model_device,
+    requiring_grad,
+)
 
 
 def accumulate_gradients(

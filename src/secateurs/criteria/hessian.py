@@ -14,7 +14,14 @@ from torch.func import functional_call, grad, vmap
 
 from ..errors import MissingData
 from ..select import Target
-from .base import Calibration, Criterion, Scores, eval_mode, model_device, requiring_grad
+from .base import (
+    Calibration,
+    Criterion,
+    Scores,
+    eval_mode,
+    model_device,
+    requiring_grad,
+)
 
 
 def _take(x: Any, i: int) -> Any:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..cache import cache_dir
 from ..errors import SecateursError
 from ..io import load_state, save_weights
 from ..recover.finetune import evaluate_accuracy, finetune
@@ -68,11 +68,6 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> DigitsData:
     n_test = int(len(y) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return DigitsData(x[train], y[train], x[test], y[test])
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SECATEURS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "secateurs"
-    return Path(root)
 
 
 def train_dense(data: DigitsData, on_epoch: Callable[[int, int], Any] | None = None) -> DigitsCNN:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import IncompatibleLayer
+from ..layers import is_linear_like
 
 # Suffixes of dotted paths, tried in order: the known layouts before the generic search.
 _KNOWN_PATHS = ("model.layers", "transformer.h", "encoder.layer", "decoder.layers", "layers", "h")
@@ -53,7 +54,7 @@ def find_blocks(model: nn.Module) -> BlockLayout:
 
 def is_linear(module: nn.Module) -> bool:
     """True for nn.Linear and transformers' Conv1D (GPT-2), the layers the engine prunes."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return is_linear_like(module)
 
 
 def block_linears(block: nn.Module, prefix: str = "", ignore: tuple[str, ...] = ()) -> dict[str, nn.Module]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..cache import cache_dir
 from ..errors import FileProblem, InvalidArgument
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -174,8 +175,6 @@ def kjv_verses(split: str = "heldout") -> list[str]:
 
 def kjv_split(out_dir: str | os.PathLike | None = None) -> TextSplit:
     """The KJV split by book into train.txt and heldout.txt (written once, under the cache)."""
-    from ..examples.digits import cache_dir
-
     folder = Path(out_dir) if out_dir is not None else cache_dir() / "kjv-split-v1"
     split = TextSplit(folder / "train.txt", folder / "heldout.txt", KJV_HELDOUT_BOOKS)
     for path, side in ((split.train, "train"), (split.heldout, "heldout")):

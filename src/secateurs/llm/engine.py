@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..criteria.base import eval_mode
+from ..batches import eval_mode
 from ..errors import IncompatibleLayer, InvalidArgument, MissingData
+from ..layers import weight_out_in
 from ..sparsity import parse_pattern
 from . import magnitude, sparsegpt, wanda
 from .blocks import BlockLayout, block_linears, find_blocks, is_linear
@@ -333,8 +334,7 @@ def linear_groups(block: nn.Module, inputs: BlockInputs, linears: Mapping[str, n
 
 def weight_rows(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in]: a view, transposed for transformers' Conv1D ([in, out])."""
-    weight = module.weight
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
+    return weight_out_in(module)
 
 
 def new_stats(module: nn.Module, config: LLMConfig) -> LayerStats:
@@ -456,7 +456,9 @@ def prune_llm(model: nn.Module, batches: Iterable[Any], config: LLMConfig | None
     layout = find_blocks(model)
     ratios = [config.sparsity] * len(layout.blocks)
     if config.owl is not None:
-        from .owl import owl_sparsities  # owl runs the engine itself, so it imports this module
+        from .owl import (
+            owl_sparsities,  # owl runs the engine itself, so it imports this module
+        )
         ratios = owl_sparsities(model, batches, config, layout)
     reports: list[LayerReport] = []
     with cache_off(model):

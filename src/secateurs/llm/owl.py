@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from .blocks import BlockLayout, block_linears
-from .engine import LLMConfig, cache_off, capture_inputs, collect_stats, run_block, weight_rows
+from .engine import (
+    LLMConfig,
+    cache_off,
+    capture_inputs,
+    collect_stats,
+    run_block,
+    weight_rows,
+)
 from .wanda import scores
 
 

@@ -666,7 +666,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         lines.append(f"Sizes after: {sizes}.")
     seconds = metrics["seconds"]
     lines += ["", "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".",
-              f"Versions: " + ", ".join(f"{k} {v}" for k, v in metrics["versions"].items()) + ".", ""]
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in metrics["versions"].items()) + ".", ""]
     return "\n".join(lines)
 
 

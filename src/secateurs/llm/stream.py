@@ -33,8 +33,18 @@ from torch import nn
 from ..errors import FileProblem, InvalidArgument, MissingData, WeightsMismatch
 from ..io import check_output_dir, staged_output
 from .blocks import BlockLayout, find_blocks
-from .engine import (BlockInputs, LayerReport, LLMConfig, LLMPlan, _as_list, cache_off, capture_inputs, make_config,
-                     prune_block, run_block)
+from .engine import (
+    BlockInputs,
+    LayerReport,
+    LLMConfig,
+    LLMPlan,
+    _as_list,
+    cache_off,
+    capture_inputs,
+    make_config,
+    prune_block,
+    run_block,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import cache
 from .data import kjv_split, read_lines, tokenize_file
 
 # v2 trains 2.5x longer than v1 (600 steps, lr 2e-3, weight decay 0.1), at a higher rate and
@@ -35,14 +36,19 @@ RECIPE_FILE = "secateurs_recipe.json"
 
 
 def _cache_root() -> Path:
-    from ..examples.digits import cache_dir
-
-    return cache_dir()
+    return cache.cache_dir()
 
 
 def train_tokenizer(lines: list[str], vocab: int) -> Any:
     """A byte-level BPE tokenizer (GPT-2 style) trained on `lines`, as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

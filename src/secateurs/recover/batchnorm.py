@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..criteria.base import model_device, split_batch, to_device
+from ..batches import model_device, split_batch, to_device
 from ..errors import InvalidArgument, MissingData
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm

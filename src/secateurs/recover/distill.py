@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..criteria.base import LossFn, eval_mode, model_device, split_batch, to_device
+from ..batches import LossFn, eval_mode, model_device, split_batch, to_device
 from ..errors import IncompatibleLayer, InvalidArgument, MissingData
 from ..sparsity import keep_sparse
 from .finetune import OPTIMIZERS

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..criteria.base import LossFn, eval_mode, model_device, split_batch, to_device
+from ..batches import LossFn, eval_mode, model_device, split_batch, to_device
 from ..errors import InvalidArgument
 from ..sparsity import keep_sparse
 
