@@ -1,34 +1,61 @@
-"""The command line, thin: parse, call the library, print a table. Errors: one line, exit 2."""
+"""The command line, thin: parse, call the library, print a table. Errors: one line, exit 2.
+
+Two spellings say which way a fraction runs: `--remove F` is the fraction taken away
+(weights with unstructured pruning, each group's channels with --structured) and
+`--keep COST=F` the fraction of a cost kept (macs, params, bytes; or a latency_ms
+budget). The older `--sparsity` / `--ratio` (removed) and `--target` (kept) still work.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
+from .batches import LOSSES, mean_loss
 from .criteria import CRITERIA, get_criterion
-from .batches import LOSSES
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .io import (build_model, check_output_dir, dense_bytes, load, load_into, load_state, save, sparse_bytes,
                  staged_output)
-from .measure import count_parameters, measure
+from .measure import Timing, count_parameters, measure
 from .structured import BUDGETS, UNIT_KINDS, Target, parse_target, prune_structured
 
-ROWS = ("accuracy", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes", "latency_ms")
+ROWS = ("accuracy", "loss", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes",
+        "latency_ms")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """One line per option, its default appended where it has one (None and False are no default)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text and "default" not in text
+                and action.default not in (None, False, [], argparse.SUPPRESS)):
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+            text += f" (default: {default})"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr and exit status 2."""
+    """argparse, but a usage mistake is one line on stderr and exit status 2; help shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -48,87 +75,151 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _add_selection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default=None, help=f"criterion: {', '.join(sorted(CRITERIA))}")
-    p.add_argument("--sparsity", type=_ratio, default=None, help="fraction of selected weights set to zero, in [0, 1)")
-    p.add_argument("--pattern", default=None, help="N:M pattern, e.g. 2:4 (keep N of every M inputs)")
-    p.add_argument("--scope", choices=SCOPES, default="global", help="compare scores per layer, globally, or per row")
-    p.add_argument("--normalize", choices=sorted(NORMALIZERS), default="none", help="per-layer score normalisation (global scope)")
-    p.add_argument("--max-ratio", type=_ratio, default=1.0, help="at most this fraction of any one layer is pruned")
-    p.add_argument("--min-ratio", type=_ratio, default=0.0, help="at least this fraction of every layer is pruned")
+class _Steps:
+    """Progress of long work: a live bar in a terminal; in a log, a line when a step starts and when it ends.
+
+    `with steps("training", total=24) as update: ... update(done, total)`. Outside a
+    terminal, steps with many parts also print a line at each quarter.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def _line(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    @contextlib.contextmanager
+    def __call__(self, text: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+        started = time.perf_counter()
+        if self.console.is_terminal:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=self.console, transient=True) as progress:
+                task = progress.add_task(text, total=total)
+                yield lambda done, total: progress.update(task, completed=done, total=total)
+            self._line(f"{text}: done in {time.perf_counter() - started:.1f} s")
+            return
+        self._line(f"{text} ...")
+        shown = [0]
+
+        def update(done: int, total: int) -> None:
+            if total >= 8 and done < total and 4 * done // total > shown[0]:
+                shown[0] = 4 * done // total
+                self._line(f"  {done}/{total} ({time.perf_counter() - started:.0f} s)")
+
+        yield update
+        self._line(f"  done in {time.perf_counter() - started:.1f} s")
+
+
+def _add_remove_keep(p: argparse.ArgumentParser, structured_too: bool = True) -> None:
+    p.add_argument("--remove", type=_ratio, default=None, metavar="F",
+                   help="fraction removed: of the weights, or with --structured of each group's channels")
+    if structured_too:
+        p.add_argument("--keep", default=None, metavar="COST=F",
+                       help="with --structured: share of a cost kept, macs=0.5, params=0.3, bytes=0.5; or latency_ms=5")
+
+
+def _add_selection(p: argparse.ArgumentParser, method_default: str) -> None:
+    p.add_argument("--method", default=None, metavar="NAME",
+                   help=f"criterion, one of: {', '.join(sorted(CRITERIA))} (default: {method_default})")
+    p.add_argument("--sparsity", type=_ratio, default=None, metavar="F", help="same as --remove, unstructured")
+    p.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity, e.g. 2:4 (keep N of every M inputs)")
+    p.add_argument("--scope", choices=SCOPES, default="global", metavar="S",
+                   help=f"compare scores per {', '.join(SCOPES)}")
+    p.add_argument("--normalize", choices=sorted(NORMALIZERS), default="none", metavar="NORM",
+                   help=f"per-layer score normalisation, global scope: {', '.join(sorted(NORMALIZERS))}")
+    p.add_argument("--max-ratio", type=_ratio, default=1.0, metavar="F", help="at most this fraction of any one layer is pruned")
+    p.add_argument("--min-ratio", type=_ratio, default=0.0, metavar="F", help="at least this fraction of every layer is pruned")
     p.add_argument("--ignore", nargs="*", default=[], metavar="GLOB", help="module or parameter names to leave alone")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of random scores and data order")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .examples.digits import DEMO_EPOCHS, DEMO_LATENCY_BATCH, DEMO_METHOD, DEMO_PATTERN, DEMO_SPARSITY, DEMO_TARGET
+
     parser = _Parser(prog="secateurs", description="Prune trained PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train a CNN on digits, prune it, fine-tune, compare")
-    _add_selection(demo)
-    demo.add_argument("--structured", action="store_true", help="remove whole channels (default target macs=0.5)")
-    demo.add_argument("--target", default=None, help="structured budget: macs=0.5, params=0.3, bytes=0.5 (fractions) or latency_ms=5 (at --threads)")
-    demo.add_argument("--out", default="runs/demo", help="directory for metrics.json and the pruned model")
-    demo.add_argument("--finetune-epochs", type=int, default=3)
-    demo.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for latency measurement")
+    demo = sub.add_parser("demo", help="the digits CNN cut three ways, recovered, measured: a table and a report",
+                          description="Train (once, cached) a CNN on digits; remove channels to a MAC budget and, "
+                                      "beside it, zero 70%% of the weights and apply 2:4; recover each by "
+                                      "distillation; time all four; write the model, metrics.json and a report.")
+    demo.add_argument("--method", default=DEMO_METHOD, metavar="NAME",
+                      help=f"criterion of all three cuts, one of: {', '.join(sorted(CRITERIA))}")
+    _add_remove_keep(demo)
+    demo.add_argument("--sparsity", type=_ratio, default=DEMO_SPARSITY, metavar="F",
+                      help="same as --remove: weights zeroed in the unstructured model")
+    demo.add_argument("--pattern", default=DEMO_PATTERN, metavar="N:M", help="the N:M model's pattern")
+    demo.add_argument("--target", default=None, metavar="COST=F", help=f"same as --keep (default: {DEMO_TARGET})")
+    demo.add_argument("--structured", action="store_true", help="only the structured model (quicker)")
+    demo.add_argument("--epochs", "--finetune-epochs", type=_positive_int, default=DEMO_EPOCHS, metavar="N",
+                      help="epochs of distillation for each pruned model")
+    demo.add_argument("--latency-batch", type=_positive_int, default=DEMO_LATENCY_BATCH, metavar="N",
+                      help="test images per timed forward pass")
+    demo.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="CPU threads for latency")
+    demo.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the scoring batches and training")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for the model, metrics.json, report/")
 
     p = sub.add_parser("prune", help="prune your own model, or a Hugging Face model folder (--hf)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="MODULE:FACTORY", help="e.g. mypkg.models:build (with --weights)")
     source.add_argument("--hf", metavar="PATH", help="a Hugging Face causal LM or encoder folder, loaded offline")
-    p.add_argument("--weights", default=None, help="with --model: .safetensors, or a torch file of plain tensors")
-    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file (only files you trust)")
-    _add_selection(p)
-    p.add_argument("--calib", default=None, help="calibration: with --model a .safetensors or .pt file with 'inputs' "
-                   "(and 'targets'); with --hf a plain text or JSONL file")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy")
+    p.add_argument("--weights", default=None, metavar="FILE", help="with --model: .safetensors, or torch plain tensors")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file you trust")
+    _add_remove_keep(p)
+    _add_selection(p, "magnitude; l2 with --structured")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="'inputs' (+ 'targets': accuracy/loss measured); --hf: text or JSONL")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="calibration samples per batch")
+    p.add_argument("--max-batches", type=_positive_int, default=None, metavar="N",
+                   help="score on at most N calibration batches (default: all)")
+    p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy", metavar="LOSS",
+                   help=f"loss of gradient criteria and evaluation: {', '.join(sorted(LOSSES))}")
     p.add_argument("--include", nargs="*", default=None, metavar="GLOB", help="prune only these modules")
-    p.add_argument("--types", nargs="*", default=None, help="layer types to prune, e.g. linear conv2d")
+    p.add_argument("--types", nargs="*", default=None, metavar="TYPE", help="layer types to prune, e.g. linear conv2d")
     p.add_argument("--prune-last", action="store_true", help="also prune the final classifier layer")
-    p.add_argument("--skip-incompatible", action="store_true", help="with --pattern, skip layers whose width does not divide")
-    p.add_argument("--structured", action="store_true", help="remove whole channels / heads instead of masking weights")
-    p.add_argument("--ratio", type=_ratio, default=None, help="structured: fraction of each group's channels removed")
-    p.add_argument("--target", default=None, help="structured budget: macs=0.5, params=0.3, bytes=0.5 (fractions) or latency_ms=5 (at --threads)")
-    p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (else the first calib input)")
-    p.add_argument("--out", required=True, help="output directory (created; never an input)")
-    p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads of the latency measurement (default 1); with --hf, of the whole run "
-                        "(default: torch's own count)")
+    p.add_argument("--skip-incompatible", action="store_true", help="with --pattern, skip layers it does not divide")
+    p.add_argument("--structured", action="store_true", help="remove whole channels / heads instead of masking")
+    p.add_argument("--ratio", type=_ratio, default=None, metavar="F", help="same as --remove, with --structured")
+    p.add_argument("--target", default=None, metavar="COST=F", help="same as --keep")
+    p.add_argument("--input-shape", default=None, metavar="SHAPE",
+                   help="example input, e.g. 1,3,224,224 (default: first calib input)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; never an input)")
+    p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output folder")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="latency threads (default 1); --hf: of the whole run (default: torch's)")
     _add_hf_options(p)
 
     a = sub.add_parser("analyze", help="show every group of coupled channels and what blocks it")
-    a.add_argument("--model", required=True, metavar="MODULE:FACTORY")
-    a.add_argument("--weights", default=None, help="optional weights (shapes come from the factory)")
-    a.add_argument("--trust-pickle", action="store_true")
-    a.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
+    a.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
+    a.add_argument("--weights", default=None, metavar="FILE", help="optional weights (shapes come from the factory)")
+    a.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file you trust")
+    a.add_argument("--input-shape", required=True, metavar="SHAPE", help="example input shape, e.g. 1,3,224,224")
     a.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
 
     r = sub.add_parser("run", help="run a YAML recipe: prune, recover, quantize, evaluate, save")
     r.add_argument("recipe", help="recipe file (see examples/recipe.yaml)")
-    r.add_argument("--out", required=True, help="run directory (created; never an input)")
+    r.add_argument("--out", required=True, metavar="DIR", help="run folder (created; never an input)")
     r.add_argument("--resume", action="store_true", help="continue after the last finished stage of --out")
 
-    rep = sub.add_parser("report", help="turn run directories into report.html, report.md and report.json")
-    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--out", required=True, help="report directory (created; never a run directory)")
-    rep.add_argument("--overwrite", action="store_true", help="replace files in a non-empty report directory")
+    rep = sub.add_parser("report", help="turn output folders into report.html, report.md and report.json")
+    rep.add_argument("runs", nargs="+", metavar="DIR",
+                     help="folders with a metrics.json: from `run`, `prune` or `demo`")
+    rep.add_argument("--out", required=True, metavar="DIR", help="report folder (created; never an input)")
+    rep.add_argument("--overwrite", action="store_true", help="replace files in a non-empty report folder")
     _add_sensitivity(sub)
 
     e = sub.add_parser("export", help="write a pruned model folder as ONNX, checked against torch with onnxruntime")
-    e.add_argument("folder", help="what `secateurs prune` or a recipe's save stage wrote (weights + plan.json); "
-                                  "with --hf, what `prune --hf` or save_pretrained wrote")
+    e.add_argument("folder", help="what `prune` or a recipe's save stage wrote (weights + plan.json); with --hf, "
+                                  "what `prune --hf` or save_pretrained wrote")
     source = e.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="MODULE:FACTORY", help="the factory of the original model")
     source.add_argument("--hf", action="store_true", help="the folder is a Hugging Face model folder")
-    e.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (needed with --model)")
-    e.add_argument("--seqlen", type=_positive_int, default=16, help="--hf: tokens in the example input (default 16)")
+    e.add_argument("--input-shape", default=None, metavar="SHAPE", help="example input, e.g. 1,3,224,224 (with --model)")
+    e.add_argument("--seqlen", type=_positive_int, default=16, metavar="L", help="--hf: tokens in the example input")
     e.add_argument("--input-dtype", choices=("float", "long"), default="float", help="long for token ids")
-    e.add_argument("--out", required=True, help="the .onnx file to write (never inside the input folder)")
+    e.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write (never inside the input folder)")
     e.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's")
-    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the exporter's)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
@@ -139,10 +230,10 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
     hf.add_argument("--calib-windows", type=int, default=None, metavar="N", help="calibration windows (default 128)")
     hf.add_argument("--seqlen", type=int, default=None, metavar="L", help="tokens per calibration window (default 512)")
     hf.add_argument("--owl", type=_ratio, default=None, metavar="LAMBDA", help="outlier-weighted block sparsities (OWL)")
-    hf.add_argument("--eval", default=None, metavar="FILE", help="held-out text: perplexity (causal LM) or "
-                    "embedding cosine to the dense model (encoder), before and after")
-    hf.add_argument("--stream", action="store_true", help="stream weights from the safetensors shards, one block at a time")
-    hf.add_argument("--units", nargs="+", choices=UNIT_KINDS, default=None, help="structured: what to remove")
+    hf.add_argument("--eval", default=None, metavar="FILE", help="held-out text: perplexity, or cosine (encoders)")
+    hf.add_argument("--stream", action="store_true", help="stream weights from the shards, one block at a time")
+    hf.add_argument("--units", nargs="+", choices=UNIT_KINDS, default=None, metavar="UNIT",
+                    help=f"structured: what to remove, of {', '.join(UNIT_KINDS)}")
     hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
     hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
 
@@ -164,7 +255,38 @@ def _check_common(args: argparse.Namespace) -> None:
     resolve_sparsity(args.sparsity, args.pattern)
 
 
+def _one_of(args: argparse.Namespace, new: str, old: str) -> None:
+    """Copy `--new` into the old option's place; both given is a mistake."""
+    value = getattr(args, new, None)
+    if value is None:
+        return
+    if getattr(args, old) is not None:
+        raise InvalidArgument(f"--{new} and --{old} say the same thing: give one of them")
+    setattr(args, old, value)
+
+
+def _spellings(args: argparse.Namespace) -> None:
+    """`--remove` and `--keep` into the options they mean: --sparsity or --ratio, and --target."""
+    if args.remove is not None and args.command == "prune" and args.structured:
+        _one_of(args, "remove", "ratio")
+    elif args.remove is not None:
+        if args.command == "demo":
+            args.sparsity = None   # the demo's own default gives way
+        _one_of(args, "remove", "sparsity")
+    if hasattr(args, "keep"):
+        _one_of(args, "keep", "target")
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "accuracy":
+        return f"{value:.2%}"
+    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
+
+
 def _table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
+    """Before and after, row by row; latency as median ± half the IQR, its ratio marked where within noise."""
     table = Table(title=title)
     for column in ("", "before", "after", "after / before"):
         table.add_column(column, justify="right" if column else "left")
@@ -172,56 +294,88 @@ def _table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
         b, a = before.get(key), after.get(key)
         if b is None or a is None:
             continue
-        fmt = (lambda v: f"{v:.2%}") if key == "accuracy" else (lambda v: f"{v:.3f}" if isinstance(v, float) else f"{v:,}")
-        table.add_row(key, fmt(b), fmt(a), f"{a / b:.3f}" if b else "-")
+        if key == "latency_ms":
+            tb, ta = Timing.of(before), Timing.of(after)
+            noise = ", within noise" if ta.within_noise(tb) else ""
+            table.add_row(f"latency ({tb.threads} thread{'s' * (tb.threads > 1)})", str(tb), str(ta),
+                          f"{a / b:.3f}{noise}" if b else "-")
+            continue
+        table.add_row(key, _cell(key, b), _cell(key, a), f"{a / b:.3f}" if b else "-")
     return table
 
 
-def run_demo(args: argparse.Namespace, console: Console) -> int:
-    from .examples.digits import accuracy, dense_model, load_digits
-    from .recover.finetune import finetune
+def _share(value: float, dense: float) -> str:
+    return f"{value / dense:.0%}" if dense else "-"
 
-    args.method = args.method or "taylor"
-    if args.sparsity is None and args.pattern is None:
-        args.sparsity = 0.7
-    _check_common(args)
+
+def _demo_table(demo: Any) -> Table:
+    """One row per model: accuracy right after the cut and recovered, costs with their share of dense, latency."""
+    dense, timing = demo.dense.after, demo.dense.timing
+    table = Table(title=f"digits CNN: dense, and pruned three ways then distilled {demo.epochs} epochs "
+                        f"(latency: batch of {demo.latency_batch}, {demo.threads} thread{'s' * (demo.threads > 1)})")
+    for column in ("model", "accuracy (cut → recovered)", "params", "non-zero", "MACs / image", "bytes",
+                   "latency ms", "speedup"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for entry in [demo.dense] + demo.variants:
+        m = entry.after
+        accuracy = f"{m.accuracy:.2%}" if entry is demo.dense else f"{entry.cut.accuracy:.2%} → {m.accuracy:.2%}"
+        table.add_row(f"{entry.name}: {entry.what}", accuracy, f"{m.params:,} ({_share(m.params, dense.params)})",
+                      _share(m.nonzeros, dense.nonzeros), f"{m.macs:,} ({_share(m.macs, dense.macs)})",
+                      f"{m.size_bytes:,} ({_share(m.size_bytes, dense.size_bytes)})", str(entry.timing).replace(" ms", ""),
+                      "1.00x" if entry is demo.dense else entry.timing.speedup(timing))
+    return table
+
+
+def _demo_metrics(demo: Any) -> dict[str, Any]:
+    """metrics.json: `before` / `after` (dense / the structured model), its plan, and every variant's stages."""
+    from .run import layer_table
+
+    headline = demo.variants[0]
+    return {
+        "before": demo.dense.after.to_dict(), "after": headline.after.to_dict(),
+        "pruned_before_finetune": {"accuracy": headline.cut.accuracy},
+        "plan": headline.plan.to_dict(), "seed": demo.seed,
+        "latency": {"batch": demo.latency_batch, "threads": demo.threads, "timer": "torch.utils.benchmark",
+                    "spread": "latency_iqr_ms: interquartile range of the timed blocks"},
+        "layers": {"before": layer_table(demo.dense.model), "after": layer_table(headline.model)},
+        "variants": [{"name": v.name, "what": v.what, "layers": layer_table(v.model),
+                      "stages": [{"stage": "cut", "measurement": v.cut.to_dict()},
+                                 {"stage": "distilled", "measurement": v.after.to_dict()}]}
+                     for v in demo.variants],
+    }
+
+
+def run_demo(args: argparse.Namespace, console: Console) -> int:
+    from .examples.digits import DEMO_TARGET, demo
+    from .report import build_report
+
+    _spellings(args)
+    get_criterion(args.method)
+    resolve_sparsity(args.sparsity, None)
+    resolve_sparsity(None, args.pattern)
+    parse_target(args.target or DEMO_TARGET)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileProblem(f"output path {out} exists and is not a directory")
-    torch.manual_seed(args.seed)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("training the dense CNN on digits (cached after the first run)", total=None)
-        data = load_digits()
-        model = dense_model(data, on_epoch=lambda done, total: progress.update(task, completed=done, total=total))
-    example = data.test_x[:1]
-    evaluate = lambda m: accuracy(m, data)  # noqa: E731
-    before = measure(model, example, threads=args.threads, evaluate=evaluate)
-    with console.status(f"pruning with {args.method}"):
-        if args.structured:
-            plan = prune_structured(model, example, target=_at_threads(args.target or "macs=0.5", args.threads),
-                                    method=args.method,
-                                    data=data.train_batches()[:8], loss_fn=F.cross_entropy, ignore=args.ignore,
-                                    seed=args.seed)
-        else:
-            plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope,
-                         data=data.train_batches()[:8], loss_fn=F.cross_entropy, ignore=args.ignore,
-                         min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
-                         skip_incompatible=args.pattern is not None, seed=args.seed)
-    pruned_accuracy = evaluate(model)
-    with Progress(console=console, transient=True) as progress:
-        for epoch in progress.track(range(args.finetune_epochs), description="fine-tuning"):
-            finetune(model, data.train_batches(seed=100 + epoch), epochs=1, lr=1e-3)
-    after = measure(model, example, threads=args.threads, evaluate=evaluate)
-    metrics = {"before": before.to_dict(), "after": after.to_dict(), "pruned_before_finetune": {"accuracy": pruned_accuracy},
-               "plan": plan.to_dict()}
-    with staged_output(out) as stage:
-        save(model, stage, plan)
-        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    what = (f"channels removed to {after.macs / before.macs:.0%} of the MACs" if args.structured
-            else f"{plan.achieved:.0%} of prunable weights removed")
-    console.print(_table(f"digits CNN, {args.method}, {what}", metrics["before"], metrics["after"]))
-    console.print(f"accuracy right after pruning, before fine-tuning: {pruned_accuracy:.2%}")
-    console.print(f"wrote {out / 'metrics.json'} and the pruned model to {out}/")
+    steps = _Steps(console)
+    result = demo(target=_at_threads(args.target or DEMO_TARGET, args.threads), sparsity=args.sparsity, pattern=args.pattern,
+                  method=args.method, epochs=args.epochs, threads=args.threads, latency_batch=args.latency_batch,
+                  seed=args.seed, only_structured=args.structured, step=steps)
+    metrics = _demo_metrics(result)
+    with steps("writing the structured model, metrics.json and the report"):
+        with staged_output(out) as stage:
+            save(result.variants[0].model, stage, result.variants[0].plan)
+            (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        page = build_report([out], out / "report", overwrite=True)
+    console.print(_demo_table(result))
+    console.print("latency: median ± half the interquartile range of torch.utils.benchmark's timed blocks; "
+                  "\"within noise\": the spreads cover the difference", highlight=False)
+    for what, where in (("model", f"{out / 'model.safetensors'} (+ plan.json; secateurs.load(DigitsCNN(), "
+                                  f"'{out}') rebuilds it)"),
+                        ("metrics", out / "metrics.json"), ("report", page)):
+        console.print(f"{what + ':':<9}{where}", highlight=False, soft_wrap=True)
+    console.print("your model: secateurs prune --model pkg.module:build --weights model.safetensors --structured "
+                  "--keep macs=0.25 --input-shape 1,3,224,224 --out smaller/", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -257,16 +411,54 @@ def _example_input(shape: str | None, dtype: str = "float") -> torch.Tensor | No
     return torch.randn(dims, generator=generator)
 
 
+def _runs(model: torch.nn.Module, example: torch.Tensor) -> str | None:
+    """None if `model` runs on `example`, else the first line of its error."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def _example_for(model: torch.nn.Module, shape: str, console: Console, dtype: str = "float") -> torch.Tensor:
+    """The example input of `--input-shape`, checked on the model; a forgotten batch dimension is added, with a note.
+
+    A shape the model does not run on, with or without a leading batch of 1, is one line.
+    """
+    example = _example_input(shape, dtype)
+    problem = _runs(model, example)
+    if problem is None:
+        return example
+    batched = example.unsqueeze(0)
+    if _runs(model, batched) is None:
+        console.print(f"note: the model does not run on --input-shape {shape} but does on 1,{shape}: "
+                      "using 1 as the batch dimension", highlight=False, soft_wrap=True)
+        return batched
+    raise InvalidArgument(f"the model does not run on an input of shape {shape} (nor with a batch of 1 "
+                          f"in front): {problem}")
+
+
 def _check_structured(args: argparse.Namespace) -> None:
     if args.pattern is not None or args.sparsity is not None:
-        raise InvalidArgument("--structured takes --ratio or --target, not --sparsity / --pattern")
+        raise InvalidArgument("--structured takes --remove (--ratio) or --keep (--target), not --sparsity / --pattern")
     if (args.ratio is None) == (args.target is None):
-        raise InvalidArgument("--structured needs exactly one of --ratio (fraction of channels) or --target (e.g. macs=0.5)")
+        raise InvalidArgument("--structured needs exactly one of --remove F (--ratio: fraction of each group's "
+                              "channels) or --keep COST=F (--target, e.g. macs=0.5)")
     if args.target is not None:
         parse_target(args.target)
     elif not 0.0 <= args.ratio < 1.0:
         raise InvalidArgument(f"--ratio must be in [0, 1), got {args.ratio}")
     get_criterion(args.method or "l2")
+
+
+def _check_unstructured(args: argparse.Namespace) -> None:
+    """Structured-only options without --structured: say so, instead of asking for a sparsity."""
+    for name, given in (("--target", args.target), ("--ratio", args.ratio)):
+        if given is not None:
+            spelled = {"--target": "--keep / --target", "--ratio": "--ratio"}[name]
+            raise InvalidArgument(f"{spelled} {given} removes whole channels: add --structured "
+                                  "(or give --remove F / --sparsity F to zero weights)")
 
 
 def _at_threads(target: str | None, threads: int) -> str | None:
@@ -279,7 +471,40 @@ def _at_threads(target: str | None, threads: int) -> str | None:
     return str(Target(budget.key, budget.value, threads))
 
 
+def _quality(model: torch.nn.Module, data: list[Any] | None, loss: str) -> dict[str, float]:
+    """The loss and, for class labels with cross-entropy, the accuracy on calibration batches with targets."""
+    if not data or not isinstance(data[0], tuple):
+        return {}
+    from .recover.finetune import evaluate_accuracy
+
+    try:
+        result = {"loss": mean_loss(model, data, LOSSES[loss])}
+        targets = data[0][1]
+        if loss == "cross_entropy" and not targets.is_floating_point() and targets.dim() == 1:
+            result["accuracy"] = evaluate_accuracy(model, data)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise InvalidArgument(f"the calibration targets do not fit the model's outputs with --loss {loss}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return result
+
+
+def _budget_line(budget: dict[str, Any], after: dict[str, Any], before: dict[str, Any]) -> str:
+    """What a --keep budget asked and what the cut model measures: met, met only within noise, or missed."""
+    key, limit = budget["key"], budget["limit"]
+    if key == "latency_ms":
+        timing = Timing.of(after)
+        verdict = ("met only within noise" if timing.median_ms <= limit and timing.within_noise(limit)
+                   else "met" if timing.median_ms <= limit
+                   else "missed, within noise" if timing.within_noise(limit) else "missed")
+        return (f"budget {budget['target']}: the pruned model measures {timing} at {timing.threads} thread(s): "
+                f"{verdict}; it keeps {after['macs'] / before['macs']:.0%} of the MACs")
+    measured = budget["measured"]
+    return (f"budget {budget['target']}: {measured / budget['dense']:.1%} of the dense {key} "
+            f"({measured:,.0f} of {budget['dense']:,.0f}): {'met' if measured <= limit else 'missed'}")
+
+
 def run_prune(args: argparse.Namespace, console: Console) -> int:
+    _spellings(args)
     if args.hf is not None:
         return run_prune_hf(args, console)
     _refuse_given(args, _HF_ONLY, "--model (it is for --hf)")
@@ -290,6 +515,7 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
         _check_structured(args)
         args.method = args.method or "l2"
     else:
+        _check_unstructured(args)
         args.method = args.method or "magnitude"
         _check_common(args)
     inputs = [args.weights] + ([args.calib] if args.calib else [])
@@ -298,42 +524,73 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
     load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
     model.eval()
     data = _calibration(args.calib, args.batch_size, args.trust_pickle)
-    example = _example_input(args.input_shape)
+    example = _example_for(model, args.input_shape, console) if args.input_shape else None
     if example is None and data:
         first = data[0][0] if isinstance(data[0], tuple) else data[0]
         example = first[:1]
     if args.structured and example is None:
         raise InvalidArgument("--structured needs an example input: pass --input-shape or --calib")
-    measured = (lambda m: measure(m, example, threads=args.threads).to_dict()) if example is not None else _static_costs
+
+    def measured(m: torch.nn.Module) -> dict[str, Any]:
+        costs = measure(m, example, threads=args.threads).to_dict() if example is not None else _static_costs(m)
+        return {**costs, **_quality(m, data, args.loss)}
+
     try:
         before = measured(model)
     except RuntimeError as exc:
         raise InvalidArgument(f"the model does not run on the calibration inputs: {str(exc).splitlines()[0]}") from None
+    from .run import layer_table
+
+    dense_layers = layer_table(model)
     if args.structured:
-        with console.status(f"removing channels ({args.method})"):
+        with _Steps(console)(f"removing channels ({args.method})"):
             plan = prune_structured(model, example, args.ratio, target=_at_threads(args.target, args.threads),
                                     method=args.method, data=data,
                                     loss_fn=LOSSES[args.loss], ignore=args.ignore, seed=args.seed)
         return _finish_prune(args, console, model, plan, before, measured(model),
-                             f"{args.model}, structured {plan.method}: MACs {plan.macs_after / plan.macs_before:.1%} of before")
-    with Progress(console=console, transient=True) as progress:
+                             f"{args.model}, structured {plan.method}: MACs {plan.macs_after / plan.macs_before:.1%} "
+                             "of before", dense_layers, data)
+    with _Steps(console)(f"scoring and masking with {args.method}", len(data or [])) as update:
+        scored = data
         if data is not None:
-            data = progress.track(data, description=f"scoring with {args.method}")
-        plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope, data=data,
+            scored = _counting(data, update)
+        plan = prune(model, args.method, args.sparsity, pattern=args.pattern, scope=args.scope, data=scored,
                      loss_fn=LOSSES[args.loss], max_batches=args.max_batches, types=args.types,
                      include=args.include, ignore=args.ignore, prune_last=args.prune_last,
                      min_ratio=args.min_ratio, max_ratio=args.max_ratio, normalize=args.normalize,
                      skip_incompatible=args.skip_incompatible, seed=args.seed)
     return _finish_prune(args, console, model, plan, before, measured(model),
-                         f"{args.model}, {plan.method}, {plan.achieved:.1%} of selected weights removed")
+                         f"{args.model}, {plan.method}, {plan.achieved:.1%} of selected weights removed",
+                         dense_layers, data)
 
 
-def _finish_prune(args, console, model, plan, before, after, title: str) -> int:
+def _counting(batches: list[Any], update: Callable[[int, int], None]) -> Iterator[Any]:
+    """`batches`, calling update(done, total) as each is taken."""
+    for i, batch in enumerate(batches):
+        yield batch
+        update(i + 1, len(batches))
+
+
+def _finish_prune(args: argparse.Namespace, console: Console, model: torch.nn.Module, plan: Any,
+                  before: dict[str, Any], after: dict[str, Any], title: str, dense_layers: list[dict[str, Any]],
+                  data: list[Any] | None) -> int:
+    from .run import layer_table
+
+    metrics = {"before": before, "after": after, "plan": plan.to_dict(),
+               "layers": {"before": dense_layers, "after": layer_table(model)}}
+    if "loss" in before:
+        samples = sum(len(targets) for _, targets in data)
+        metrics["evaluated_on"] = f"the calibration data ({samples} samples, not held out)"
     with staged_output(args.out) as stage:
         save(model, stage, plan)
-        (stage / "metrics.json").write_text(json.dumps({"before": before, "after": after, "plan": plan.to_dict()}, indent=2))
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
     console.print(_table(title, before, after))
-    console.print(f"wrote the pruned model, plan.json and metrics.json to {args.out}/")
+    if "evaluated_on" in metrics:
+        console.print(f"accuracy and loss: on {metrics['evaluated_on']}", highlight=False)
+    if getattr(plan, "budget", None):
+        console.print(_budget_line(plan.budget, after, before), highlight=False, soft_wrap=True)
+    console.print(f"wrote the pruned model, plan.json and metrics.json to {args.out}/ "
+                  f"(`secateurs report {args.out} --out REPORT_DIR` plots them)", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -356,8 +613,11 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
              "stream": args.stream, "structured": args.structured, "ratio": args.ratio, "target": args.target,
              "units": args.units, "compensate": args.compensate, "drop_layers": args.drop_layers,
              "ignore": args.ignore, "overwrite": args.overwrite}
-    with console.status("pruning") as status:
-        metrics = prune_checkpoint(args.hf, args.out, args.calib, on_stage=status.update,
+    with contextlib.ExitStack() as stack:
+        # a live status line in a terminal; in a log, a line per stage
+        on_stage = (stack.enter_context(console.status("pruning")).update if console.is_terminal
+                    else lambda text: console.print(text, markup=False, highlight=False))
+        metrics = prune_checkpoint(args.hf, args.out, args.calib, on_stage=on_stage,
                                    **{k: v for k, v in given.items() if v is not None})
     console.print(_hf_table(metrics))
     how = ("plain transformers loads it" if metrics["saved_as"] == "transformers"
@@ -385,20 +645,19 @@ def _hf_table(metrics: dict[str, Any]) -> Table:
 def run_analyze(args: argparse.Namespace, console: Console) -> int:
     from .graph.groups import analyze
 
-    example = _example_input(args.input_shape, args.input_dtype)
     model = build_model(args.model)
     if args.weights:
         load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
+    example = _example_for(model.eval(), args.input_shape, console, args.input_dtype)
     try:
-        analysis = analyze(model.eval(), example)
+        analysis = analyze(model, example)
     except RuntimeError as exc:
         raise InvalidArgument(f"the model does not run on an input of shape {args.input_shape}: {str(exc).splitlines()[0]}") from None
     table = Table(title=f"{args.model}: {len(analysis.groups)} groups of coupled channels")
     for column in ("group", "kind", "units", "prunable", "members", "blocked by"):
         table.add_column(column)
     for g in analysis.groups:
-        members = ", ".join(f"{n}[{d}]" for n, d in g.members[:4]) + (f" +{len(g.members) - 4}" if len(g.members) > 4 else "")
-        table.add_row(str(g.index), g.kind, str(g.size), str(len(g.prunable_units)), members, g.reason or "")
+        table.add_row(str(g.index), g.kind, str(g.size), str(len(g.prunable_units)), g.members_text(), g.reason or "")
     console.print(table)
     if analysis.unknown_ops:
         console.print(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(analysis.unknown_ops)))}")
@@ -416,8 +675,8 @@ def run_run(args: argparse.Namespace, console: Console) -> int:
 
     def finished(index: int, name: str, record: dict[str, Any]) -> None:
         m = record["measurement"]
-        console.print(f"stage {index} {name}: accuracy {_fmt('accuracy', m.get('accuracy'))}, MACs {m['macs']:,}, "
-                      f"{m['size_bytes']:,} bytes, {m['latency_ms']:.3f} ms ({record['seconds']:.1f} s)")
+        console.print(f"stage {index} {name}: accuracy {_cell('accuracy', m.get('accuracy'))}, MACs {m['macs']:,}, "
+                      f"{m['size_bytes']:,} bytes, {Timing.of(m)} ({record['seconds']:.1f} s)", highlight=False)
 
     result = run_recipe(args.recipe, args.out, resume=args.resume, on_stage=finished)
     if args.resume:
@@ -428,15 +687,12 @@ def run_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _fmt(key: str, value: Any) -> str:
-    return "-" if value is None else f"{value:.2%}" if key == "accuracy" else f"{value:,}"
-
-
 def run_report(args: argparse.Namespace, console: Console) -> int:
     from .report import build_report
 
     page = build_report(args.runs, args.out, overwrite=args.overwrite)
-    console.print(f"wrote {page}, report.md, report.json and plots/ for {len(args.runs)} run(s)")
+    console.print(f"wrote {page}, report.md, report.json and plots/ for {len(args.runs)} folder(s)",
+                  highlight=False, soft_wrap=True)
     return 0
 
 
@@ -445,19 +701,22 @@ def _add_sensitivity(sub: Any) -> None:
 
     s = sub.add_parser("sensitivity", help="per group, the metric against the pruning ratio: table, plot, cache")
     s.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
-    s.add_argument("--weights", required=True, help=".safetensors, or a torch file of plain tensors")
-    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file (only files you trust)")
-    s.add_argument("--calib", required=True, help="tensors 'inputs' and 'targets' the metric is measured on")
+    s.add_argument("--weights", required=True, metavar="FILE", help=".safetensors, or a torch file of plain tensors")
+    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file you trust")
+    s.add_argument("--calib", required=True, metavar="FILE", help="tensors 'inputs' and 'targets' the metric is measured on")
     s.add_argument("--metric", choices=sorted(METRICS), default="loss", help="mean loss (lower is better) or accuracy")
-    s.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy")
-    s.add_argument("--ratios", type=_ratio, nargs="+", default=list(DEFAULT_RATIOS), help="fractions in (0, 1)")
-    s.add_argument("--method", default="l2", help=f"criterion ranking the units: {', '.join(sorted(CRITERIA))}")
+    s.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy", metavar="LOSS",
+                   help=f"the loss: {', '.join(sorted(LOSSES))}")
+    s.add_argument("--ratios", type=_ratio, nargs="+", default=list(DEFAULT_RATIOS), metavar="F",
+                   help="fractions of each group's units removed, in (0, 1)")
+    s.add_argument("--method", default="l2", metavar="NAME", help="criterion ranking the units")
     s.add_argument("--mode", choices=sorted(MODES), default="zero", help="zero units in place (fast) or cut a copy")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--max-batches", type=int, default=None)
-    s.add_argument("--input-shape", default=None, help="example input shape (else the first calib input)")
+    s.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="calibration samples per batch")
+    s.add_argument("--max-batches", type=_positive_int, default=None, metavar="N",
+                   help="measure on at most N batches (default: all)")
+    s.add_argument("--input-shape", default=None, metavar="SHAPE", help="example input (default: first calib input)")
     s.add_argument("--ignore", nargs="*", default=[], metavar="GLOB", help="module or parameter names to leave alone")
-    s.add_argument("--out", required=True, help="folder for sensitivity.json/.png/.svg and the cache (reused)")
+    s.add_argument("--out", required=True, metavar="DIR", help="folder for sensitivity.json/.png/.svg and the cache")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that holds other files")
 
 
@@ -472,30 +731,40 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> int:
     data = (_calibration(args.calib, args.batch_size, args.trust_pickle) or [])[: args.max_batches]
     if not data or not isinstance(data[0], tuple):
         raise FileProblem(f"calibration file {args.calib} needs 'inputs' and 'targets': the metric compares with labels")
-    example = _example_input(args.input_shape)
-    example = data[0][0][:1] if example is None else example
+    model.eval()
+    example = data[0][0][:1] if args.input_shape is None else _example_for(model, args.input_shape, console)
     evaluate, higher_is_better = METRICS[args.metric]
     name = f"{args.loss} loss" if args.metric == "loss" else args.metric
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"sensitivity ({args.method}, {args.mode})", total=None)
-        curves = sensitivity(model.eval(), example, evaluate(data, LOSSES[args.loss]), args.ratios, method=args.method,
+    with _Steps(console)(f"sensitivity ({args.method}, {args.mode}): one point per group and ratio") as update:
+        curves = sensitivity(model, example, evaluate(data, LOSSES[args.loss]), args.ratios, method=args.method,
                              ignore=args.ignore, data=data, loss_fn=LOSSES[args.loss], higher_is_better=higher_is_better,
                              metric_name=name, mode=args.mode, cache_dir=out / "cache",
-                             data_key=f"{args.metric}:{args.loss}:{data_digest(data)}",
-                             on_point=lambda done, total: progress.update(task, completed=done, total=total))
+                             data_key=f"{args.metric}:{args.loss}:{data_digest(data)}", on_point=update)
     with staged_output(out) as stage:
         (stage / "sensitivity.json").write_text(json.dumps(curves.to_dict(), indent=1))
         for suffix in ("png", "svg"):
             save_plot(curves, stage / f"sensitivity.{suffix}", f"{args.model}: sensitivity ({curves.method})")
-    table = Table(title=f"{args.model}: {name} with one group pruned (dense {curves.baseline:.4g})")
-    for column in ["group", "kind", "units"] + [f"{r:g}" for r in curves.ratios]:
+    console.print(_sensitivity_table(curves, f"{args.model}: {name} with one group pruned", args.metric == "accuracy"))
+    how = "read from the cache" if curves.cached else f"measured in {curves.seconds:.1f} s"
+    console.print(f"{how}; wrote sensitivity.json, sensitivity.png and sensitivity.svg to {args.out}/", highlight=False)
+    return 0
+
+
+def _sensitivity_table(curves: Any, title: str, percent: bool) -> Table:
+    """Groups by ratios, every number with the same decimals so the columns line up."""
+    values = [curves.baseline] + [m for c in curves.curves for m in c.metric]
+    if percent:
+        cell = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    else:   # enough decimals to tell the smallest values apart, the same for all
+        scale = max((abs(v) for v in values if v == v and abs(v) != float("inf")), default=1.0)
+        decimals = max(0, min(6, 3 - len(str(int(scale)))))
+        cell = lambda v: f"{v:.{decimals + 1}f}"  # noqa: E731
+    table = Table(title=f"{title} (dense: {cell(curves.baseline)}{'%' if percent else ''})")
+    for column in ["group", "kind", "units"] + [f"{r:.0%} removed" for r in curves.ratios]:
         table.add_column(column, justify="left" if column == "group" else "right")
     for c in curves.curves:
-        table.add_row(c.label, c.kind, str(c.units), *(f"{m:.4g}" for m in c.metric))
-    console.print(table)
-    how = "read from the cache" if curves.cached else f"measured in {curves.seconds:.1f} s"
-    console.print(f"{how}; wrote sensitivity.json, sensitivity.png and sensitivity.svg to {args.out}/")
-    return 0
+        table.add_row(c.label, c.kind, str(c.units), *(cell(m) for m in c.metric))
+    return table
 
 
 def run_export(args: argparse.Namespace, console: Console) -> int:
@@ -518,8 +787,8 @@ def run_export(args: argparse.Namespace, console: Console) -> int:
     else:
         if args.input_shape is None:
             raise InvalidArgument("export --model needs --input-shape (e.g. 1,3,224,224)")
-        example = _example_input(args.input_shape, args.input_dtype)
         model = load(build_model(args.model), folder).eval()
+        example = _example_for(model, args.input_shape, console, args.input_dtype)
     with console.status("exporting to ONNX and checking it with onnxruntime"):
         report = export_onnx(model, example, out, dynamic_batch=not args.static_batch, opset=args.opset,
                              overwrite=args.overwrite)

@@ -1,17 +1,24 @@
-"""What a pruned model costs: parameters, non-zeros, MACs, bytes and CPU latency."""
+"""What a pruned model costs: parameters, non-zeros, MACs, bytes and CPU latency.
+
+Every latency figure secateurs reports (the CLI, reports, latency tables and budgets)
+comes from one function, `time_forward`: torch.utils.benchmark's adaptive timer, after
+a warm-up, repeats blocks of calls until the interquartile range is within `PRECISION`
+of the median (or `MAX_SECONDS` have passed), and returns the median, the IQR, the
+thread count and how many blocks and calls it timed.
+"""
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
+import torch.utils.benchmark as benchmark
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from .batches import eval_mode
+from .errors import InvalidArgument
 from .graph.trace import Graph, Ref
 from .io import dense_bytes, sparse_bytes
 
@@ -60,9 +67,11 @@ class Measurement:
     nonzero_macs: int
     size_bytes: int
     dense_size_bytes: int
-    latency_ms: float
+    latency_ms: float | None      # the median; None where not timed
     threads: int
     accuracy: float | None = None
+    latency_iqr_ms: float | None = None    # the spread: interquartile range of the timed blocks
+    latency_runs: int | None = None        # blocks timed (each the mean of one or more calls)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,34 +201,111 @@ def nonzero_macs(model: nn.Module, per_module: dict[str, int], total: int) -> in
     return total - saved
 
 
-def latency_ms(model: nn.Module, example_inputs: Any, threads: int = 1,
-               warmup: int = 3, repeats: int = 20) -> float:
-    """Median wall time of one forward pass in milliseconds, with the thread count fixed."""
+# Timing stops once the IQR is within this fraction of the median...
+PRECISION = 0.05
+# ...after at least MIN_SECONDS of timed calls, and at the latest after MAX_SECONDS.
+MIN_SECONDS, MAX_SECONDS = 0.05, 1.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds of one forward pass: median and interquartile range over the timed blocks."""
+
+    median_ms: float
+    iqr_ms: float
+    threads: int
+    runs: int           # blocks timed; each block's mean over its calls (sized by the timer) is one sample
+
+    def within_noise(self, other: float | Timing) -> bool:
+        """Whether the spreads cover the difference: the two medians' distance is at most half the IQRs' sum.
+
+        `other` is another Timing or a plain number of milliseconds (a budget), which has no spread.
+        """
+        median, iqr = (other.median_ms, other.iqr_ms) if isinstance(other, Timing) else (float(other), 0.0)
+        return abs(self.median_ms - median) <= (self.iqr_ms + iqr) / 2
+
+    @classmethod
+    def of(cls, measurement: dict[str, Any]) -> Timing | None:
+        """The timing a measurement dict (`Measurement.to_dict`) records; None if it has no latency.
+
+        Older records without a spread read as spread 0.
+        """
+        if measurement.get("latency_ms") is None:
+            return None
+        return cls(measurement["latency_ms"], measurement.get("latency_iqr_ms") or 0.0,
+                   measurement.get("threads") or 1, measurement.get("latency_runs") or 0)
+
+    def speedup(self, dense: Timing) -> str:
+        """How many times faster than `dense`, e.g. "2.41x", with ", within noise" where the spreads cover the difference."""
+        text = f"{dense.median_ms / self.median_ms:.2f}x" if self.median_ms > 0 else "-"
+        return text + (", within noise" if self.within_noise(dense) else "")
+
+    def __str__(self) -> str:
+        """The median and half the IQR, e.g. "3.52 ± 0.07 ms"."""
+        return f"{self.median_ms:.3g} ± {self.iqr_ms / 2:.2g} ms"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def time_forward(model: nn.Module, example_inputs: Any, threads: int = 1, *, warmup: int = 3,
+                 precision: float | None = None, min_seconds: float | None = None,
+                 max_seconds: float | None = None) -> Timing:
+    """Median and IQR of one forward pass of `model` on `example_inputs`, in eval mode, at `threads` threads.
+
+    `warmup` untimed calls come first; torch.utils.benchmark then sizes blocks of calls
+    (a block is long enough for the timer's own overhead to vanish) and times blocks
+    until the IQR is within `precision` of the median and `min_seconds` have passed, or
+    `max_seconds` have (defaults: PRECISION, MIN_SECONDS, MAX_SECONDS, read at call time).
+    The thread count is restored afterwards.
+    """
+    precision = PRECISION if precision is None else precision
+    min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
+    max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidArgument(f"threads must be a positive integer, got {threads!r}")
+    timer = benchmark.Timer("call(model, inputs)", globals={"call": _call, "model": model, "inputs": example_inputs},
+                            num_threads=threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode(), eval_mode(model):
             for _ in range(warmup):
                 _call(model, example_inputs)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                _call(model, example_inputs)
-                times.append((time.perf_counter() - start) * 1e3)
+            measured = timer.adaptive_autorange(threshold=precision, min_run_time=min_seconds,
+                                                max_run_time=max_seconds)
     finally:
         torch.set_num_threads(previous)
-    return statistics.median(times)
+    return Timing(measured.median * 1e3, measured.iqr * 1e3, threads, len(measured.times))
+
+
+def latency_ms(model: nn.Module, example_inputs: Any, threads: int = 1,
+               warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of one forward pass (`time_forward`'s median), with the thread count fixed.
+
+    `repeats` is kept for callers of the old signature: the number of timed calls now
+    follows the precision reached (`time_forward`).
+    """
+    return time_forward(model, example_inputs, threads, warmup=warmup).median_ms
 
 
 def measure(model: nn.Module, example_inputs: Any, *, threads: int = 1, repeats: int = 20,
-            evaluate: Callable[[nn.Module], float] | None = None) -> Measurement:
-    """Every cost of `model` at once, plus accuracy when `evaluate` is given."""
+            evaluate: Callable[[nn.Module], float] | None = None, timed_inputs: Any = None,
+            timed: bool = True) -> Measurement:
+    """Every cost of `model` at once, plus accuracy when `evaluate` is given.
+
+    MACs are counted on `example_inputs`; latency is timed (`time_forward`) on
+    `timed_inputs` where given (a larger batch, say), else on `example_inputs`, and not at
+    all with `timed=False` (the latency fields are then None). `repeats` is kept for old callers.
+    """
     params, nonzeros = count_parameters(model)
     macs, per_module = count_macs(model, example_inputs)
+    timing = time_forward(model, example_inputs if timed_inputs is None else timed_inputs, threads) if timed else None
     return Measurement(
         params=params, nonzeros=nonzeros, macs=macs,
         nonzero_macs=nonzero_macs(model, per_module, macs),
         size_bytes=sparse_bytes(model), dense_size_bytes=dense_bytes(model),
-        latency_ms=latency_ms(model, example_inputs, threads=threads, repeats=repeats),
-        threads=threads, accuracy=evaluate(model) if evaluate else None,
+        latency_ms=timing.median_ms if timing else None, threads=threads,
+        accuracy=evaluate(model) if evaluate else None,
+        latency_iqr_ms=timing.iqr_ms if timing else None, latency_runs=timing.runs if timing else None,
     )

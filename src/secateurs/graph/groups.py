@@ -42,6 +42,12 @@ class Group:
     def prunable_units(self) -> list[int]:
         return [u for u, ok in zip(self.units, self.prunable) if ok]
 
+    def members_text(self, limit: int = 4) -> str:
+        """The first `limit` members as `param[dim]`, weights first, and how many more there are."""
+        ordered = sorted(self.members, key=lambda m: not m[0].endswith("weight"))   # stable: weights first
+        shown = ", ".join(f"{name}[{dim}]" for name, dim in ordered[:limit])
+        return shown + (f" +{len(ordered) - limit}" if len(ordered) > limit else "")
+
 
 @dataclass
 class Analysis:
@@ -53,6 +59,35 @@ class Analysis:
     # each tensor's shape, so a cost can be computed without cutting
     dims: "_DimTable | None" = None
     component: np.ndarray | None = None
+
+    # Groups `str()` lists before summing up the rest.
+    SHOWN = 12
+
+    def __repr__(self) -> str:
+        prunable = sum(1 for g in self.groups if g.prunable_units)
+        return f"<Analysis: {len(self.graph.ops)} ops, {len(self.groups)} groups, {prunable} prunable>"
+
+    def __str__(self) -> str:
+        """A short summary: one line per prunable group (the first SHOWN), the blocked ones counted by reason."""
+        prunable = [g for g in self.groups if g.prunable_units]
+        units = sum(len(g.prunable_units) for g in prunable)
+        lines = [f"{len(self.groups)} groups of coupled units in {len(self.graph.ops)} ops; "
+                 f"{len(prunable)} can be cut ({units} units):"]
+        width = max((len(str(g.size)) for g in prunable), default=1)
+        for g in prunable[:self.SHOWN]:
+            partly = "" if len(g.prunable_units) == g.size else f" ({len(g.prunable_units)} prunable)"
+            lines.append(f"  group {g.index:<3} {g.size:>{width}} {g.kind}s{partly}  {g.members_text(3)}")
+        if len(prunable) > self.SHOWN:
+            lines.append(f"  ... {len(prunable) - self.SHOWN} more (see .groups)")
+        reasons: dict[str, int] = {}
+        for g in self.groups:
+            if not g.prunable_units:
+                reasons[g.reason or "blocked"] = reasons.get(g.reason or "blocked", 0) + 1
+        if reasons:
+            lines.append("blocked: " + ", ".join(f"{n} by {reason}" for reason, n in reasons.items()))
+        if self.unknown_ops:
+            lines.append(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(self.unknown_ops)))}")
+        return "\n".join(lines)
 
 
 class _DimTable:

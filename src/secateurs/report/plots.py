@@ -1,19 +1,29 @@
-"""The report's figures as inline SVG text (matplotlib, no display needed)."""
+"""The report's figures as inline SVG text (matplotlib, no display needed).
+
+Costs are shown relative to each run's dense model and accuracy in %, as in the tables.
+Points are never joined by lines: the stages of a run are separate models, not a path.
+"""
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")   # no display: render to files only
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
-from .collect import RunRecord  # noqa: E402
+from .collect import RunRecord, StageRow  # noqa: E402
 
 # Fixed ids and no date, so the same runs give byte-identical SVG.
-_SVG_STYLE = {"svg.hashsalt": "secateurs", "svg.fonttype": "none", "font.size": 9}
+_SVG_STYLE = {"svg.hashsalt": "secateurs", "svg.fonttype": "none", "font.size": 10}
+# Wide enough to fill a laptop-width page at its natural size.
+WIDTH = 11.0
+MARKERS = "osD^vP*Xh<>p"
+# The costs of the Pareto plot: (measurement key, axis label).
+PARETO_COSTS = (("macs", "MACs"), ("size_bytes", "bytes"), ("latency_ms", "measured latency"))
 
 
 def _svg(fig: Any) -> str:
@@ -25,73 +35,165 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg"):]    # drop the XML prolog and doctype: the SVG goes inline in HTML
 
 
-def accuracy_vs(runs: list[RunRecord], key: str, label: str) -> str:
-    """Accuracy against a cost (`key` of the measurements), one line per run through its stages."""
+def quality_key(runs: Sequence[RunRecord]) -> tuple[str, str] | None:
+    """The quality the runs record: ("accuracy", label) if any row has accuracy, else the loss; None if neither."""
+    rows = [row.measurement for run in runs for row in run.rows]
+    if any(m.get("accuracy") is not None for m in rows):
+        return "accuracy", "accuracy (%)"
+    if any(m.get("loss") is not None for m in rows):
+        return "loss", "loss (lower is better)"
+    return None
+
+
+def _relative(run: RunRecord, row: StageRow, key: str) -> float | None:
+    value, dense = row.measurement.get(key), run.dense.get(key)
+    return value / dense if value is not None and dense else None
+
+
+def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> set[int]:
+    """Indices of the points no other point beats on both cost (lower) and quality."""
+    sign = 1 if higher_is_better else -1
+    return {i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and sign * y2 >= sign * y) and (x2 < x or sign * y2 > sign * y)
+                       for x2, y2 in points)}
+
+
+def pareto(runs: Sequence[RunRecord]) -> str:
+    """Quality against MACs, bytes and measured latency relative to dense, one point per run and stage.
+
+    Colour names the run, marker shape the stage; points on the Pareto front of a panel
+    are ringed. Latency points carry their spread (IQR) as a horizontal bar.
+    """
+    key, label = quality_key(runs)
+    higher = key == "accuracy"
+    stages = list(dict.fromkeys(row.stage for run in runs for row in run.rows))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     with plt.rc_context(_SVG_STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for run in runs:
-            points = [(r.measurement.get(key), r.measurement.get("accuracy"), r.label) for r in run.rows
-                      if r.measurement.get(key) is not None and r.measurement.get("accuracy") is not None]
-            if not points:
-                continue
-            xs, ys, labels = zip(*points)
-            ax.plot(xs, ys, marker="o", label=run.name)
-            ax.annotate(labels[-1], (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            ax.annotate("dense", (xs[0], ys[0]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title(f"accuracy vs {label}, stage by stage")
+        fig, axes = plt.subplots(1, len(PARETO_COSTS), figsize=(WIDTH, 3.8), sharey=True, layout="constrained")
+        for ax, (cost, title) in zip(axes, PARETO_COSTS):
+            points = []
+            for r, run in enumerate(runs):
+                for row in run.rows:
+                    x, y = _relative(run, row, cost), row.measurement.get(key)
+                    if x is None or y is None:
+                        continue
+                    y = 100 * y if higher else y
+                    points.append((x, y))
+                    spread = (row.measurement.get("latency_iqr_ms") or 0) / 2 / run.dense["latency_ms"] \
+                        if cost == "latency_ms" else 0
+                    ax.errorbar([x], [y], xerr=[spread] if spread else None, fmt=MARKERS[stages.index(row.stage) % len(MARKERS)],
+                                color=colours[r % len(colours)], markersize=7, capsize=3, linestyle="none",
+                                label=f"{run.name} · {row.label}")
+            for i in _pareto_front(points, higher):
+                ax.plot(*points[i], marker="o", markersize=14, markerfacecolor="none", markeredgecolor="0.35",
+                        linestyle="none", label="_front")
+            ax.set_xlabel(f"{title}, fraction of dense")
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{label.split(' (')[0]} vs {title}")
+        axes[0].set_ylabel(label)
+        handles, labels = axes[0].get_legend_handles_labels()
+        unique = {lab: h for h, lab in zip(handles, labels) if not lab.startswith("_")}
+        ring = plt.Line2D([], [], marker="o", markersize=10, markerfacecolor="none", markeredgecolor="0.35",
+                          linestyle="none")
+        fig.legend(list(unique.values()) + [ring], list(unique) + ["on the Pareto front"], loc="outside lower center",
+                   ncol=min(4, len(unique) + 1), fontsize=8, frameon=False)
     return _svg(fig)
+
+
+def _barh(names: list[str], values: list[float], texts: list[str], xlabel: str, title: str, colour: str,
+          xlim: tuple[float, float] | None = None) -> str:
+    with plt.rc_context(_SVG_STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH, 0.32 * len(names) + 1.3), layout="constrained")
+        bars = ax.barh(names, values, color=colour)
+        ax.bar_label(bars, texts, padding=3, fontsize=8)
+        ax.invert_yaxis()
+        if xlim:
+            ax.set_xlim(*xlim)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(title)
+    return _svg(fig)
+
+
+def widths_changed(run: RunRecord) -> bool:
+    """Whether the run removed whole channels somewhere: a layer's output width shrank or a layer is gone."""
+    final = {layer["name"]: layer["width"] for layer in run.final_layers}
+    return any(final.get(layer["name"], 0) < layer["width"] for layer in run.dense_layers)
+
+
+def sparsity_changed(run: RunRecord) -> bool:
+    """Whether some layer of the final model holds zeros in its weights."""
+    return any(layer.get("sparsity", 0) > 0 for layer in run.final_layers)
 
 
 def layer_widths(run: RunRecord) -> str:
-    """Output width of every layer, dense next to final."""
-    final = {layer["name"]: layer for layer in run.final_layers}
+    """Per layer, the fraction of its output channels / features kept, labelled kept/dense."""
+    final = {layer["name"]: layer["width"] for layer in run.final_layers}
     names = [layer["name"] for layer in run.dense_layers]
-    with plt.rc_context(_SVG_STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 0.4 * len(names) + 1.2))
-        ys = range(len(names))
-        ax.barh([y + 0.2 for y in ys], [layer["width"] for layer in run.dense_layers], height=0.4, label="dense")
-        ax.barh([y - 0.2 for y in ys], [final.get(n, {}).get("width", 0) for n in names], height=0.4, label="final")
-        ax.set_yticks(list(ys), names)
-        ax.invert_yaxis()
-        ax.set_xlabel("output channels / features")
-        ax.legend(fontsize=7)
-        ax.set_title(f"{run.name}: width per layer")
-    return _svg(fig)
+    kept = [final.get(layer["name"], 0) for layer in run.dense_layers]
+    dense = [layer["width"] for layer in run.dense_layers]
+    return _barh(names, [k / d for k, d in zip(kept, dense)], [f"{k}/{d}" for k, d in zip(kept, dense)],
+                 "output channels / features kept, fraction of dense", f"{run.name}: kept width per layer",
+                 "tab:blue", (0, 1.12))
 
 
 def layer_sparsity(run: RunRecord) -> str:
-    """Fraction of zero weights in every layer of the final model."""
+    """Per layer of the final model, the fraction of its weights that are zero."""
     names = [layer["name"] for layer in run.final_layers]
+    values = [layer["sparsity"] for layer in run.final_layers]
+    return _barh(names, values, [f"{v:.0%}" for v in values], "weights that are zero, fraction of the layer",
+                 f"{run.name}: sparsity per layer (final model)", "tab:red", (0, 1.12))
+
+
+def latency(runs: Sequence[RunRecord]) -> str:
+    """Measured latency of every run and stage: the median as a bar, the IQR as an error bar."""
+    labels, medians, spreads, colours = [], [], [], []
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r, run in enumerate(runs):
+        for row in run.rows:
+            m = row.measurement
+            if m.get("latency_ms") is None:
+                continue
+            labels.append(f"{run.name} · {row.label}")
+            medians.append(m["latency_ms"])
+            spreads.append((m.get("latency_iqr_ms") or 0) / 2)
+            colours.append(cycle[r % len(cycle)])
+    threads = sorted({row.measurement.get("threads") for run in runs for row in run.rows} - {None})
     with plt.rc_context(_SVG_STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 0.3 * len(names) + 1.2))
-        ax.barh(names, [layer["sparsity"] for layer in run.final_layers], color="tab:red")
+        fig, ax = plt.subplots(figsize=(WIDTH, 0.32 * len(labels) + 1.3), layout="constrained")
+        bars = ax.barh(labels, medians, xerr=spreads, color=colours, capsize=3, error_kw={"elinewidth": 1})
+        ax.bar_label(bars, [f"{m:.3g} ± {s:.2g}" for m, s in zip(medians, spreads)], padding=6, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("fraction of weights that are zero")
-        ax.set_title(f"{run.name}: sparsity per layer (final model)")
+        ax.set_xlim(0, max(medians) * 1.25)
+        ax.set_xlabel(f"milliseconds per forward pass (median; bar: half the interquartile range; "
+                      f"{', '.join(map(str, threads))} thread(s))")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title("measured latency")
     return _svg(fig)
+
+
+def has_latency(runs: Sequence[RunRecord]) -> bool:
+    return any(row.measurement.get("latency_ms") is not None for run in runs for row in run.rows)
 
 
 def sensitivity(run: RunRecord) -> str:
     """The metric against the pruning ratio, one curve per layer or group."""
-    return _svg(sensitivity_figure(run.sensitivity, f"{run.name}: sensitivity (no recovery)"))
+    return _svg(sensitivity_figure(run.sensitivity, f"{run.name}: sensitivity (no recovery)", run.sensitivity_metric))
 
 
 def sensitivity_figure(curves: dict[str, list[list[float]]], title: str, metric: str = "metric") -> Any:
-    """A matplotlib figure of `curves` ({label: [[ratio, metric], ...]}), one line per label."""
+    """A matplotlib figure of `curves` ({label: [[ratio, metric], ...]}), one line per label, `metric` on the y axis."""
     with plt.rc_context(_SVG_STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        fig, ax = plt.subplots(figsize=(WIDTH * 0.75, 4.0), layout="constrained")
         for layer, points in curves.items():
             ratios, values = zip(*points)
             ax.plot(ratios, values, marker=".", label=layer)
-        ax.set_xlabel("ratio pruned")
+        ax.set_xlabel("fraction of the group's units removed")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, ncol=1 + len(curves) // 12, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.set_title(title)
     return fig
 

@@ -1,135 +1,178 @@
-"""build_report(): runs -> report.html (self-contained, inline SVG plots), report.md, report.json."""
+"""build_report(): runs -> report.html (self-contained, inline SVG plots), report.md, report.json.
+
+Both pages are rendered from the jinja2 templates in `templates/` (the HTML one with
+autoescaping on, so run and layer names are escaped) from the same tables and figures.
+"""
 from __future__ import annotations
 
-import html
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import jinja2
 
 from ..io import check_output_dir, staged_output
+from ..measure import Timing
 from . import plots
 from .collect import COLUMNS, RunRecord, read_runs
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
-code { background: #f4f4f4; padding: 0 0.2em; }
-"""
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    stem: str           # the file name in plots/ and the HTML id
+    caption: str        # says what to read in the plot; the title inside names it
+    svg: str
+
+
+def percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def _format(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key == "accuracy":
-        return f"{value:.2%}"
+        return percent(value)
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.4g}"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def stage_table(run: RunRecord) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-stage cost table, with MACs and bytes relative to dense."""
-    header = ["stage"] + [title for _, title in COLUMNS] + ["MACs / dense", "bytes / dense"]
+def _kept(value: Any, dense: Any) -> float | None:
+    return value / dense if value is not None and dense else None
+
+
+def stage_table(run: RunRecord) -> Table:
+    """Per stage: quality and costs, with MACs and bytes as a % of dense (columns no stage has are left out)."""
+    columns = [(k, title) for k, title in COLUMNS if any(r.measurement.get(k) is not None for r in run.rows)]
     rows = []
     for row in run.rows:
         m = row.measurement
-        relative = [m.get(k) / run.dense[k] if m.get(k) is not None and run.dense.get(k) else None
-                    for k in ("macs", "size_bytes")]
         label = row.label + (" (int8)" if row.quantized else "")
-        rows.append([label] + [_format(k, m.get(k)) for k, _ in COLUMNS] + [_format("ratio", r) for r in relative])
-    return header, rows
+        rows.append([label] + [_format(k, m.get(k)) for k, _ in columns]
+                    + [percent(_kept(m.get(k), run.dense.get(k)), 1) for k in ("macs", "size_bytes")])
+    return Table(["stage"] + [title for _, title in columns] + ["MACs, % of dense", "bytes, % of dense"], rows)
 
 
-def summary_table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
-    """One row per run: dense and final accuracy, and the final costs relative to dense."""
-    header = ["run", "seed", "config", "dense accuracy", "final accuracy", "MACs / dense", "bytes / dense",
-              "latency ms (dense -> final)"]
+def latency_table(runs: list[RunRecord]) -> Table:
+    """Per run and stage: the median, its spread, how it was timed, and the speedup over the run's dense model."""
+    rows = []
+    for run in runs:
+        dense = Timing.of(run.dense)
+        for row in run.rows:
+            timing = Timing.of(row.measurement)
+            if timing is None:
+                continue
+            rows.append([run.name, row.label, f"{timing.median_ms:.4g}", f"{timing.iqr_ms:.2g}",
+                         str(timing.runs or "-"), str(timing.threads),
+                         "-" if row.index < 0 or dense is None else timing.speedup(dense)])
+    return Table(["run", "stage", "median ms", "IQR ms", "timed blocks", "threads", "speedup"], rows)
+
+
+def summary_table(runs: list[RunRecord]) -> Table:
+    """One row per run: accuracy dense and final, and the final costs as a % of dense, latency with its spread."""
     rows = []
     for run in runs:
         d, f = run.dense, run.final
-        rows.append([run.name, str(run.seed), run.config_hash[:12], _format("accuracy", d.get("accuracy")),
-                     _format("accuracy", f.get("accuracy")), _format("r", f["macs"] / d["macs"] if d.get("macs") else None),
-                     _format("r", f["size_bytes"] / d["size_bytes"] if d.get("size_bytes") else None),
-                     f"{_format('l', d.get('latency_ms'))} -> {_format('l', f.get('latency_ms'))}"])
-    return header, rows
+        accuracy = (f"{percent(d.get('accuracy'))} → {percent(f.get('accuracy'))}"
+                    if d.get("accuracy") is not None or f.get("accuracy") is not None else "-")
+        dense_t, final_t = Timing.of(d), Timing.of(f)
+        latency = f"{dense_t} → {final_t}" if dense_t and final_t else "-"
+        rows.append([run.name, run.rows[-1].label, accuracy, percent(_kept(f.get("params"), d.get("params")), 1),
+                     percent(_kept(f.get("nonzeros"), d.get("nonzeros")), 1),
+                     percent(_kept(f.get("macs"), d.get("macs")), 1),
+                     percent(_kept(f.get("size_bytes"), d.get("size_bytes")), 1), latency,
+                     final_t.speedup(dense_t) if dense_t and final_t else "-"])
+    return Table(["run", "final stage", "accuracy (dense → final)", "params", "non-zeros", "MACs", "bytes",
+                  "latency (dense → final)", "speedup"], rows)
 
 
-def _figures(runs: list[RunRecord]) -> list[tuple[str, str, str]]:
-    """(file stem, caption, svg) of every plot, in report order."""
-    figures = [("accuracy_vs_macs", "Accuracy against MACs across runs", plots.accuracy_vs(runs, "macs", "MACs")),
-               ("accuracy_vs_bytes", "Accuracy against model bytes across runs",
-                plots.accuracy_vs(runs, "size_bytes", "bytes on disk"))]
+def _figures(runs: list[RunRecord]) -> tuple[list[Figure], dict[int, list[Figure]], list[str]]:
+    """The plots across runs, the plots of each run (by index), and notes on plots left out."""
+    shared, notes = [], []
+    quality = plots.quality_key(runs)
+    if quality is not None:
+        shared.append(Figure("pareto", f"{quality[1].split(' (')[0].capitalize()} against the cost of every run "
+                             "and stage, relative to the run's dense model; up and left is better. Colour: run; "
+                             "shape: stage; ringed: on the Pareto front of its panel.", plots.pareto(runs)))
+    else:
+        notes.append("No run records accuracy or a loss, so there is no accuracy-against-cost plot.")
+    if plots.has_latency(runs):
+        shared.append(Figure("latency", "Median milliseconds per forward pass; the error bar spans the "
+                             "interquartile range of the timed blocks.", plots.latency(runs)))
+    per_run: dict[int, list[Figure]] = {}
     for i, run in enumerate(runs):
-        if run.dense_layers:
-            figures.append((f"run{i}_widths", f"{run.name}: width per layer", plots.layer_widths(run)))
-        if run.final_layers:
-            figures.append((f"run{i}_sparsity", f"{run.name}: sparsity per layer", plots.layer_sparsity(run)))
+        figures = per_run.setdefault(i, [])
+        if plots.widths_changed(run):
+            figures.append(Figure(f"run{i}_widths", "Output channels or features each layer kept (kept/dense).",
+                                  plots.layer_widths(run)))
+        if plots.sparsity_changed(run):
+            figures.append(Figure(f"run{i}_sparsity", "Share of each layer's weights that are zero.",
+                                  plots.layer_sparsity(run)))
         if run.sensitivity:
-            figures.append((f"run{i}_sensitivity", f"{run.name}: sensitivity curves", plots.sensitivity(run)))
-    return figures
+            figures.append(Figure(f"run{i}_sensitivity", f"{run.sensitivity_metric.capitalize()} with one group "
+                                  "pruned at a time, the rest of the model dense, before any recovery.",
+                                  plots.sensitivity(run)))
+    return shared, per_run, notes
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+_ENVIRONMENT = jinja2.Environment(loader=jinja2.PackageLoader("secateurs.report", "templates"),
+                                  autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
+                                  trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+                                  keep_trailing_newline=True)
+# a Markdown table cell: a "|" would end the cell
+_ENVIRONMENT.filters["cell"] = lambda text: str(text).replace("|", "\\|")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _sections(runs: list[RunRecord], figures: list[tuple[str, str, str]],
-              table: Callable[[list[str], list[list[str]]], str], figure: Callable[[str, str, str], str],
-              heading: Callable[[int, str], str]) -> list[str]:
-    """The report's parts in order, written with the given table / figure / heading writers."""
-    by_stem = {stem: (caption, svg) for stem, caption, svg in figures}
-    parts = [heading(1, "secateurs report"), table(*summary_table(runs))]
-    for stem in ("accuracy_vs_macs", "accuracy_vs_bytes"):
-        parts.append(figure(stem, *by_stem[stem]))
+def _context(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, list[Figure]],
+             notes: list[str]) -> dict[str, Any]:
+    sections = []
     for i, run in enumerate(runs):
-        parts += [heading(2, f"Run {run.name}"), table(*stage_table(run))]
-        parts += [figure(stem, *by_stem[stem]) for stem in (f"run{i}_widths", f"run{i}_sparsity", f"run{i}_sensitivity")
-                  if stem in by_stem]
-    return parts
+        layers_note = None
+        if not (plots.widths_changed(run) or plots.sparsity_changed(run)):
+            layers_note = ("No per-layer record of this run." if not run.final_layers else
+                           "Every layer kept its full width and has no zero weights: nothing to plot per layer.")
+        sections.append({"run": run, "table": stage_table(run), "figures": per_run.get(i, []),
+                         "layers_note": layers_note})
+    return {"runs": runs, "summary": summary_table(runs), "latency": latency_table(runs), "shared": shared,
+            "sections": sections, "notes": notes}
 
 
-def render_html(runs: list[RunRecord], figures: list[tuple[str, str, str]]) -> str:
-    """One self-contained HTML page: tables and inline SVG plots, no external resource."""
-    parts = _sections(
-        runs, figures, _html_table,
-        lambda stem, caption, svg: f'<figure id="{stem}">{svg}<figcaption>{html.escape(caption)}</figcaption></figure>',
-        lambda level, text: f"<h{level}>{html.escape(text)}</h{level}>")
-    body = "\n".join(parts)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>secateurs report</title>'
-            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+def render_html(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, list[Figure]],
+                notes: list[str]) -> str:
+    """One self-contained HTML page: tables and inline SVG plots, no script, no external resource."""
+    return _ENVIRONMENT.get_template("report.html").render(_context(runs, shared, per_run, notes))
 
 
-def render_markdown(runs: list[RunRecord], figures: list[tuple[str, str, str]]) -> str:
+def render_markdown(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, list[Figure]],
+                    notes: list[str]) -> str:
     """The same report in Markdown; plots are linked from plots/."""
-    parts = _sections(runs, figures, _md_table,
-                      lambda stem, caption, svg: f"![{caption}](plots/{stem}.svg)",
-                      lambda level, text: "#" * level + " " + text)
-    return "\n\n".join(parts) + "\n"
+    return _ENVIRONMENT.get_template("report.md").render(_context(runs, shared, per_run, notes))
 
 
 def build_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write report.html, report.md, report.json and plots/ for the runs in `run_dirs` to `out_dir`."""
+    """Write report.html, report.md, report.json and plots/ for the runs in `run_dirs` to `out_dir`.
+
+    A run is any folder with a metrics.json that `secateurs run`, `prune` or `demo` wrote.
+    """
     out = check_output_dir(out_dir, list(run_dirs), overwrite=overwrite)
     runs = read_runs(list(run_dirs))
-    figures = _figures(runs)
+    shared, per_run, notes = _figures(runs)
+    figures = shared + [f for i in sorted(per_run) for f in per_run[i]]
     with staged_output(out) as stage:
-        (stage / "report.html").write_text(render_html(runs, figures))
-        (stage / "report.md").write_text(render_markdown(runs, figures))
+        (stage / "report.html").write_text(render_html(runs, shared, per_run, notes))
+        (stage / "report.md").write_text(render_markdown(runs, shared, per_run, notes))
         (stage / "report.json").write_text(json.dumps({"runs": [r.to_dict() for r in runs],
-                                                        "plots": [stem for stem, _, _ in figures]}, indent=2))
+                                                        "plots": [f.stem for f in figures]}, indent=2))
         (stage / "plots").mkdir()
-        for stem, _, svg in figures:
-            (stage / "plots" / f"{stem}.svg").write_text(svg)
+        for figure in figures:
+            (stage / "plots" / f"{figure.stem}.svg").write_text(str(figure.svg))
     return out / "report.html"
