@@ -16,12 +16,15 @@ from torch import nn
 
 import secateurs.latency as latency
 import secateurs.structured as structured
+from secateurs.structured import apply as structured_apply
+from secateurs.structured import budget as structured_budget
+from secateurs.structured import units as structured_units
 from secateurs import prune_structured
 from secateurs.criteria import Calibration, get_criterion
 from secateurs.errors import InvalidArgument
 from secateurs.examples import zoo
 from secateurs.measure import tensor_bytes
-from secateurs.structured import Target, parse_target
+from secateurs.structured import Budget, parse_target
 
 
 def mlp() -> tuple[nn.Module, torch.Tensor]:
@@ -85,14 +88,14 @@ def test_interpolation_is_exact_on_the_grid_and_linear_between():
 
 
 def _scored(model, x):
-    return structured._score(model, x, get_criterion("l2"), Calibration(), structured.UNIT_KINDS, ())
+    return structured_units.score_model(model, x, get_criterion("l2"), Calibration(), structured.UNIT_KINDS, ())
 
 
 def test_predicted_latency_falls_as_the_ratio_grows(table_dir):
     model, x = zoo.ZOO["resnet18"]()
     scored = _scored(model.eval(), x)
     table = latency.latency_table(model, x, threads=1, cache=table_dir, graph=scored.graph, analysis=scored.analysis)
-    predicted = [table.predict(structured._chosen_shapes(scored, structured._selection(scored, r, "global", None, None)))
+    predicted = [table.predict(structured_apply.chosen_shapes(scored, structured_units.select_units(scored, r, "global", None, None)))
                  for r in (0.0, 0.2, 0.4, 0.6, 0.8)]
     assert all(a >= b for a, b in zip(predicted, predicted[1:]))
     assert predicted[-1] < predicted[0] == pytest.approx(table.dense_ms)
@@ -104,7 +107,7 @@ def _halfway_budget(table_dir, monkeypatch):
     model, x = mlp()
     scored = _scored(model, x)
     table = latency.latency_table(model, x, threads=1, graph=scored.graph, analysis=scored.analysis)
-    most = table.predict(structured._chosen_shapes(scored, structured._selection(scored, 0.9, "global", None, None)))
+    most = table.predict(structured_apply.chosen_shapes(scored, structured_units.select_units(scored, 0.9, "global", None, None)))
     budget = (most + table.dense_ms) / 2
     return model, x, table, budget
 
@@ -122,7 +125,7 @@ def test_latency_target_meets_its_budget_on_the_prediction(table_dir, monkeypatc
 def test_a_cut_that_measures_over_the_budget_is_cut_further_before_the_model_is_touched(table_dir, monkeypatch):
     model, x, table, budget = _halfway_budget(table_dir, monkeypatch)
     measured = iter([1.3 * budget, 0.9 * budget, 0.9 * budget])   # the first cut runs slower than predicted
-    monkeypatch.setattr(structured, "latency_ms", lambda *args, **kwargs: next(measured))
+    monkeypatch.setattr(structured_budget, "latency_ms", lambda *args, **kwargs: next(measured))
     plan = prune_structured(model, x, target=f"latency_ms={budget},threads=1")
     first, second = plan.budget["checks"]
     assert first["measured"] > budget >= second["measured"] == plan.budget["measured"]
@@ -157,8 +160,8 @@ def test_macs_and_params_budgets_record_predicted_equal_to_measured():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("macs=0.5", Target("macs", 0.5)), ("params=1", Target("params", 1.0)), ("bytes=0.25", Target("bytes", 0.25)),
-    ("latency_ms=5", Target("latency_ms", 5.0)), ("latency_ms=2.5,threads=2", Target("latency_ms", 2.5, 2)),
+    ("macs=0.5", Budget("macs", 0.5)), ("params=1", Budget("params", 1.0)), ("bytes=0.25", Budget("bytes", 0.25)),
+    ("latency_ms=5", Budget("latency_ms", 5.0)), ("latency_ms=2.5,threads=2", Budget("latency_ms", 2.5, 2)),
 ])
 def test_parse_target_reads_every_budget(text, expected):
     assert parse_target(text) == expected

@@ -162,7 +162,7 @@ def test_allocation_meets_a_latency_budget_on_the_tables_prediction(digits, curv
 
     scored = sens._traced(model, x, curves)
     half = dict.fromkeys((c.index for c in curves.curves), 0.5)
-    budget = table.predict(sens._chosen_shapes(scored, sens._chosen(scored, half, None)))   # reachable for sure
+    budget = table.predict(sens.chosen_shapes(scored, sens._chosen(scored, half, None)))   # reachable for sure
     assert budget < table.dense_ms
     chosen = allocate(model, x, curves, f"latency_ms={budget},threads=1")
     uniform = allocate(model, x, curves, f"latency_ms={budget},threads=1", "uniform")

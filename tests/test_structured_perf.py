@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import secateurs.structured as structured
+from secateurs.structured import apply as structured_apply
+from secateurs.structured import units as structured_units
 from secateurs.criteria import Calibration, get_criterion
 from secateurs.examples import zoo
 from secateurs.graph import trace
@@ -29,7 +31,7 @@ def test_graph_macs_equal_a_counted_forward(name):
 
 def test_cutting_nothing_leaves_every_shape():
     model, inputs = build("resnet18")
-    analysis = structured.analyze_graph(trace(model, inputs))
+    analysis = structured_units.analyze_graph(trace(model, inputs))
     shapes = cut_shapes(analysis, [])
     assert shapes == {t.index: t.shape for t in analysis.graph.tensors}
 
@@ -38,10 +40,10 @@ def test_cutting_nothing_leaves_every_shape():
 @pytest.mark.parametrize("ratio", [0.3, 0.7])
 def test_estimated_costs_equal_the_pruned_model(name, ratio):
     model, inputs = build(name)
-    scored = structured._score(model, inputs, get_criterion("l2"), Calibration(), structured.UNIT_KINDS, ())
-    chosen = structured._selection(scored, ratio, "global", None, None)
-    macs = structured._estimated_cost(scored, "macs", chosen)
-    params = structured._estimated_cost(scored, "params", chosen)
+    scored = structured_units.score_model(model, inputs, get_criterion("l2"), Calibration(), structured.UNIT_KINDS, ())
+    chosen = structured_units.select_units(scored, ratio, "global", None, None)
+    macs = structured_apply.estimated_cost(scored, "macs", chosen)
+    params = structured_apply.estimated_cost(scored, "params", chosen)
     plan = prune_structured(model, inputs, ratio, scope="global")
     assert macs == plan.macs_after == count_macs(model, inputs)[0] < scored.macs
     assert params == plan.params_after == count_parameters(model)[0] < scored.params
@@ -71,7 +73,7 @@ def test_target_search_traces_the_model_once(monkeypatch):
         calls.append(1)
         return trace(*args, **kwargs)
 
-    monkeypatch.setattr(structured, "trace", counting_trace)
+    monkeypatch.setattr(structured_units, "trace", counting_trace)
     prune_structured(model, inputs, target="macs=0.5")
     assert len(calls) == 1
 

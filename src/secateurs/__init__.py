@@ -6,19 +6,42 @@
     sc.finalize(model)                          # drop the masks, keep the zeros
 """
 from .api import LayerPlan, Plan, prune
+from .checkpoint import load, save
 from .criteria import CRITERIA, Calibration, Criterion
-from .errors import (FileProblem, IncompatibleLayer, InvalidArgument, MissingData, SecateursError,
-                     WeightsMismatch)
-from .io import load, load_state, save
-from .measure import Measurement, count_macs, count_parameters, latency_ms, measure
-from .recover import (AGPSchedule, Callback, DistillHistory, GuardReport, GuardStep, IterativeSchedule,
-                      PruningCallback, SparsityPenalty, distill, evaluate_accuracy, finetune, guarded_prune,
-                      kd_loss, lightning_callback, recalibrate_bn, threshold_prune, trainer_callback)
-from .schedule import AGP, agp_sparsity, iterative_prune
+from .errors import (
+    FileProblem,
+    IncompatibleLayer,
+    InvalidArgument,
+    MissingData,
+    SecateursError,
+    WeightsMismatch,
+)
 from .graph.groups import analyze
+from .io import load_state
+from .measure import Measurement, count_macs, count_parameters, latency_ms, measure
+from .recover import (
+    AGPSchedule,
+    Callback,
+    DistillHistory,
+    GuardReport,
+    GuardStep,
+    IterativeSchedule,
+    PruningCallback,
+    SparsityPenalty,
+    distill,
+    evaluate_accuracy,
+    finetune,
+    guarded_prune,
+    kd_loss,
+    lightning_callback,
+    recalibrate_bn,
+    threshold_prune,
+    trainer_callback,
+)
+from .schedule import AGP, agp_sparsity, iterative_prune
 from .select import select_targets
-from .structured import StructuredPlan, prune_structured
 from .sparsity import apply_masks, finalize, keep_sparse, masked_params, sparsity_of
+from .structured import StructuredPlan, prune_structured
 
 __version__ = "0.1.0"
 

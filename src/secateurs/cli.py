@@ -26,10 +26,10 @@ from .api import prune, resolve_sparsity
 from .batches import LOSSES, mean_loss
 from .criteria import CRITERIA, get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
-from .io import (build_model, check_output_dir, dense_bytes, load, load_into, load_state, save, sparse_bytes,
-                 staged_output)
+from .checkpoint import load, save
+from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
 from .measure import Timing, count_parameters, measure
-from .structured import BUDGETS, UNIT_KINDS, Target, parse_target, prune_structured
+from .structured import BUDGETS, UNIT_KINDS, Budget, parse_target, prune_structured
 
 ROWS = ("accuracy", "loss", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes",
         "latency_ms")
@@ -468,7 +468,7 @@ def _at_threads(target: str | None, threads: int) -> str | None:
     budget = parse_target(target)
     if not BUDGETS[budget.key].absolute or budget.threads is not None:
         return target
-    return str(Target(budget.key, budget.value, threads))
+    return str(Budget(budget.key, budget.value, threads))
 
 
 def _quality(model: torch.nn.Module, data: list[Any] | None, loss: str) -> dict[str, float]:

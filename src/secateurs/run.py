@@ -36,7 +36,8 @@ from torch import nn
 from .api import prune
 from .batches import LOSSES
 from .errors import FileProblem, InvalidArgument
-from .io import build_model, check_output_dir, load_into, load_state, save, staged_output
+from .checkpoint import save
+from .io import build_model, check_output_dir, load_into, load_state, staged_output
 from .io import _encode as encode_state
 from .measure import measure
 from .quantize import measure_int8, quantize_int8, quantized_layers, save_int8

@@ -45,23 +45,9 @@ from .graph import trace
 from .graph.groups import analyze_graph
 from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
-from .structured import (
-    BUDGETS,
-    GRAPH_COSTS,
-    SEARCH_STEPS,
-    UNIT_KINDS,
-    StructuredPlan,
-    Target,
-    _choose,
-    _chosen_shapes,
-    _cut,
-    _keeps,
-    _macs,
-    _protect_members,
-    _score,
-    _Scored,
-    parse_target,
-)
+from .structured import BUDGETS, GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, Budget, StructuredPlan, parse_target
+from .structured.apply import chosen_shapes, cut_model
+from .structured.units import Scored, choose_units, dense_macs, keeps_of, protect_members, score_model
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Bump when the cached record's meaning changes, so old files are recomputed rather than misread.
@@ -201,10 +187,10 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 # ------------------------------------------------------------------------ measuring one point
 
 @contextlib.contextmanager
-def _zeroed(model: nn.Module, example_inputs: Any, scored: _Scored,
+def _zeroed(model: nn.Module, example_inputs: Any, scored: Scored,
             chosen: dict[int, list[int]]) -> Iterator[nn.Module]:
     """`model` with the chosen units' parameter slices zeroed; the weights are restored on exit."""
-    keeps = _keeps(scored.analysis, {g.index: g for g in scored.groups}, chosen)
+    keeps = keeps_of(scored.analysis, {g.index: g for g in scored.groups}, chosen)
     saved = []
     with torch.no_grad():
         try:
@@ -222,11 +208,11 @@ def _zeroed(model: nn.Module, example_inputs: Any, scored: _Scored,
 
 
 @contextlib.contextmanager
-def _cut_copy(model: nn.Module, example_inputs: Any, scored: _Scored,
+def _cut_copy(model: nn.Module, example_inputs: Any, scored: Scored,
               chosen: dict[int, list[int]]) -> Iterator[nn.Module]:
     """A copy of `model` with the chosen units physically removed."""
     trial = copy.deepcopy(model)
-    _cut(trial, example_inputs, scored, chosen, "sensitivity", 0.0, check=False)
+    cut_model(trial, example_inputs, scored, chosen, "sensitivity", 0.0, check=False)
     yield trial.eval()
 
 
@@ -234,15 +220,15 @@ def _cut_copy(model: nn.Module, example_inputs: Any, scored: _Scored,
 MODES: dict[str, Callable[..., contextlib.AbstractContextManager[nn.Module]]] = {"zero": _zeroed, "cut": _cut_copy}
 
 
-def _chosen(scored: _Scored, ratios: dict[int, float], round_to: int | None) -> dict[int, list[int]]:
+def _chosen(scored: Scored, ratios: dict[int, float], round_to: int | None) -> dict[int, list[int]]:
     """Group index -> positions removed when each group in `ratios` loses that fraction, as the cut chooses."""
     groups = [g for g in scored.groups if ratios.get(g.index, 0.0) > 0.0]
-    chosen = _choose(scored.analysis, groups, scored.unit_scores, ratios, "local", round_to)
-    _protect_members(scored.analysis, {g.index: g for g in groups}, chosen, scored.unit_scores, scored.unit_ids)
+    chosen = choose_units(scored.analysis, groups, scored.unit_scores, ratios, "local", round_to)
+    protect_members(scored.analysis, {g.index: g for g in groups}, chosen, scored.unit_scores, scored.unit_ids)
     return chosen
 
 
-def _ranked(scored: _Scored) -> tuple[_Scored, dict[int, list[int]]]:
+def _ranked(scored: Scored) -> tuple[Scored, dict[int, list[int]]]:
     """`scored` with each group's unit scores replaced by their removal rank, and those orders."""
     orders, ranks = {}, {}
     for g in scored.groups:
@@ -257,8 +243,8 @@ def _rank_scores(order: list[int], size: int) -> np.ndarray:
     return scores
 
 
-def _replace_scores(scored: _Scored, unit_scores: dict[int, np.ndarray]) -> _Scored:
-    return _Scored(scored.graph, scored.analysis, scored.groups, unit_scores, scored.macs, scored.params,
+def _replace_scores(scored: Scored, unit_scores: dict[int, np.ndarray]) -> Scored:
+    return Scored(scored.graph, scored.analysis, scored.groups, unit_scores, scored.macs, scored.params,
                    scored.unit_ids)
 
 
@@ -272,7 +258,7 @@ def _metric(evaluate: Evaluate, model: nn.Module) -> float:
     return float(value)
 
 
-def _labels(scored: _Scored) -> dict[int, str]:
+def _labels(scored: Scored) -> dict[int, str]:
     """Group index -> its first member's layer name, with '#index' where two groups would share one."""
     names = {g.index: g.members[0][0].rpartition(".")[0] or g.members[0][0] for g in scored.groups}
     counts: dict[str, int] = {}
@@ -281,7 +267,7 @@ def _labels(scored: _Scored) -> dict[int, str]:
     return {i: name if counts[name] == 1 else f"{name}#{i}" for i, name in names.items()}
 
 
-def _curve(model: nn.Module, example_inputs: Any, scored: _Scored, index: int, order: list[int], label: str,
+def _curve(model: nn.Module, example_inputs: Any, scored: Scored, index: int, order: list[int], label: str,
            grid: list[float], evaluate: Evaluate, baseline: float, mode: str, round_to: int | None,
            on_point: Callable[[], Any] | None) -> GroupCurve:
     """The metric with only group `index` pruned, at each ratio of `grid`."""
@@ -407,7 +393,7 @@ def sensitivity(
     if found is not None:
         return found
     started = time.perf_counter()
-    scored, orders = _ranked(_score(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore))
+    scored, orders = _ranked(score_model(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore))
     labels = _labels(scored)
     total, done = len(scored.groups) * len(grid), [0]
 
@@ -445,14 +431,14 @@ def save_plot(curves: Sensitivity, path: str | os.PathLike, title: str | None = 
 
 # ------------------------------------------------------------------------ allocation
 
-def _budget(target: str, keys: Sequence[str] = (*BUDGET_KEYS, "latency_ms")) -> Target:
+def _budget(target: str, keys: Sequence[str] = (*BUDGET_KEYS, "latency_ms")) -> Budget:
     budget = parse_target(target)
     if budget.key not in keys:
         raise InvalidArgument(f"this meets a {', '.join(keys)} target, got {target!r}")
     return budget
 
 
-def _traced(model: nn.Module, example_inputs: Any, curves: Sensitivity) -> _Scored:
+def _traced(model: nn.Module, example_inputs: Any, curves: Sensitivity) -> Scored:
     """The model's graph and groups, with each curve's removal order as its group's unit scores.
 
     Raises InvalidArgument when a curve's group is not in this model as it was measured.
@@ -468,7 +454,7 @@ def _traced(model: nn.Module, example_inputs: Any, curves: Sensitivity) -> _Scor
                                   f"({curve.label}) differs; measure them on this model")
         groups.append(group)
     unit_scores = {c.index: _rank_scores(c.order, c.units) for c in curves.curves}
-    return _Scored(graph, analysis, groups, unit_scores, _macs(graph, model, example_inputs),
+    return Scored(graph, analysis, groups, unit_scores, dense_macs(graph, model, example_inputs),
                    total_parameters(model), {g.index: np.asarray(g.units, dtype=np.int64) for g in groups})
 
 
@@ -476,7 +462,7 @@ class _Costs:
     """Estimated cost of per-group ratios against the budget, nothing cut: MACs, parameters or bytes
     from the graph, or milliseconds predicted by the model's latency table (`secateurs.latency`)."""
 
-    def __init__(self, model: nn.Module, example_inputs: Any, scored: _Scored, budget: Target,
+    def __init__(self, model: nn.Module, example_inputs: Any, scored: Scored, budget: Budget,
                  round_to: int | None):
         if budget.key == "macs" and graph_macs(scored.graph) is None:
             raise IncompatibleLayer("the graph cannot count this model's MACs (an RNN runs as one op), so a "
@@ -488,7 +474,7 @@ class _Costs:
         self.budget = budget.value if budget.key == "latency_ms" else budget.value * self.base
 
     def __call__(self, ratios: dict[int, float]) -> float:
-        return self.of(_chosen_shapes(self.scored, _chosen(self.scored, ratios, self.round_to)))
+        return self.of(chosen_shapes(self.scored, _chosen(self.scored, ratios, self.round_to)))
 
     def unreachable(self, target: str, top: float) -> InvalidArgument:
         left = self({g.index: top for g in self.scored.groups}) / self.base if self.base else 1.0
@@ -574,7 +560,7 @@ ALLOCATIONS: dict[str, Callable[[Sensitivity, _Costs, str], dict[int, float]]] =
 }
 
 
-def _allocation(model: nn.Module, example_inputs: Any, scored: _Scored, curves: Sensitivity, target: str,
+def _allocation(model: nn.Module, example_inputs: Any, scored: Scored, curves: Sensitivity, target: str,
                 allocation: str) -> Allocation:
     if allocation not in ALLOCATIONS:
         raise InvalidArgument(f"unknown allocation {allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
@@ -606,7 +592,7 @@ def prune_by_sensitivity(model: nn.Module, example_inputs: Any, curves: Sensitiv
     scored = _traced(model, example_inputs, curves)
     chosen_allocation = _allocation(model, example_inputs, scored, curves, target, allocation)
     chosen = _chosen(scored, chosen_allocation.ratios, curves.round_to)
-    return _cut(model, example_inputs, scored, chosen, curves.method, chosen_allocation.by_label())
+    return cut_model(model, example_inputs, scored, chosen, curves.method, chosen_allocation.by_label())
 
 
 def prune_by_sensitivity_rounds(model: nn.Module, example_inputs: Any, measure: Callable[[nn.Module], Sensitivity],

@@ -22,7 +22,7 @@ from ..api import LayerPlan, Plan
 from ..criteria.bn_scale import norm_scales
 from ..errors import InvalidArgument, MissingData
 from ..graph.groups import Analysis, analyze
-from ..structured import UNIT_KINDS, _ignored
+from ..structured.units import UNIT_KINDS, is_ignored
 from ..select import Target, select_targets
 from ..sparsity import MASK_SUFFIX, set_mask
 
@@ -83,7 +83,7 @@ class GroupLassoPenalty:
             if example_inputs is None:
                 raise MissingData("GroupLassoPenalty needs example_inputs=... (or analysis=...) to find the groups")
             analysis = analyze(model, example_inputs)
-        groups = [g for g in analysis.groups if g.kind in units and g.prunable_units and not _ignored(g, ignore)]
+        groups = [g for g in analysis.groups if g.kind in units and g.prunable_units and not is_ignored(g, ignore)]
         self.units: list[tuple[int, int]] = [(g.index, i) for g in groups for i, ok in enumerate(g.prunable) if ok]
         if not self.units:
             raise InvalidArgument("the model has no prunable unit for the group-lasso penalty (see analyze())")

@@ -1,0 +1,108 @@
+"""`prune_structured`, the front door: validate, score once, choose (or search a budget), cut, compensate."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from torch import nn
+
+from .. import compensate as bias_compensation
+from ..batches import LossFn
+from ..criteria import Calibration, Criterion, get_criterion
+from ..errors import InvalidArgument, MissingData
+from ..hf_config import is_hf_model, update_config
+from ..measure import total_parameters
+from .apply import cut_model
+from .budget import BUDGETS, budget_record, check_latency, parse_target, search_ratio
+from .plan import StructuredPlan, remember
+from .units import UNIT_KINDS, check_spec, score_model, select_units
+
+
+def prune_structured(
+    model: nn.Module,
+    example_inputs: Any,
+    ratio: float | dict[str, float] | None = None,
+    *,
+    target: str | None = None,
+    method: str | Criterion = "l2",
+    scope: str = "local",
+    units: Sequence[str] = UNIT_KINDS,
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    round_to: int | None = None,
+    ignore: Sequence[str] = (),
+    max_ratio: float | dict[str, float] | None = None,
+    compensate: bool = False,
+    seed: int = 0,
+) -> StructuredPlan:
+    """Remove the least important channels / heads of `model` in place; returns the plan.
+
+    `ratio` is the fraction of units removed from each prunable group (scope "local")
+    or in total, ranked after dividing by each group's mean score (scope "global", at
+    most 90% of any group). `target="macs=0.5"` or `"params=0.3"` instead searches the
+    global ratio that brings that cost to the given fraction of today's; the search
+    costs each trial ratio from the traced graph, so it takes about as long as one prune.
+
+    A dict `{glob: fraction}` (matched against member parameter and module names, first
+    matching pattern wins) gives per-group ratios (scope "local"; unmatched groups keep
+    all units). `max_ratio`, a fraction or such a dict, caps the fraction of each
+    group's units removed under every scope and target search (default: no cap
+    locally, 0.9 globally).
+
+    `compensate=True` (needs `data`) folds the mean contribution of every removed input
+    of a linear layer into that layer's bias (FLAP's bias compensation; a bias is added
+    where there was none): a cheap, training-free repair that matters most for
+    transformers pruned without recovery. Conv layers are not compensated.
+    """
+    if (ratio is None) == (target is None):
+        raise InvalidArgument("give exactly one of ratio (a fraction of units) or target (e.g. 'macs=0.5')")
+    if scope not in ("local", "global"):
+        raise InvalidArgument(f"unknown scope {scope!r}; expected 'local' or 'global'")
+    bad = [u for u in units if u not in UNIT_KINDS]
+    if bad:
+        raise InvalidArgument(f"unknown unit kind {bad[0]!r}; expected some of {UNIT_KINDS}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
+    if max_ratio is not None:
+        check_spec("max_ratio", max_ratio, upper_inclusive=True)
+    if compensate and data is None:
+        raise MissingData("compensate=True needs calibration data (data=...) for the mean inputs it folds in")
+    criterion = get_criterion(method, seed=seed)
+    if target is not None:
+        budget = parse_target(target)
+        scope = "global"
+    else:
+        check_spec("ratio", ratio, upper_inclusive=False)
+        if isinstance(ratio, dict) and scope != "local":
+            raise InvalidArgument(f"a per-group ratio dict needs scope='local', got scope={scope!r}")
+    # One trace, one analysis and one scoring serve the ratio search and the cut alike.
+    scored = score_model(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore)
+    checks: list[dict[str, float]] = []
+    if target is not None:
+        cost = BUDGETS[budget.key].cost(model, example_inputs, scored, budget)
+        ratio = search_ratio(model, example_inputs, scored, budget, cost, round_to, max_ratio)
+        if budget.key == "latency_ms":
+            ratio, checks = check_latency(model, example_inputs, scored, budget, cost, ratio, round_to, max_ratio)
+    chosen = select_units(scored, ratio, scope, round_to, max_ratio)
+    dense = bias_compensation.snapshot(model, Calibration(data, loss_fn)) if compensate else None
+    plan = cut_model(model, example_inputs, scored, chosen, criterion.name, ratio)
+    if dense is not None:
+        _compensate(model, dense, plan)
+    if target is not None:
+        plan.budget = budget_record(model, example_inputs, scored, chosen, plan, budget, cost)
+        if checks:
+            plan.budget["checks"] = checks
+    remember(model, plan)
+    return plan
+
+
+def _compensate(model: nn.Module, dense: bias_compensation.Snapshot, plan: StructuredPlan) -> None:
+    """Fold the removed inputs' means into the biases and record it in `plan` (so replay adds the biases)."""
+    had_bias = {name for name, m in model.named_modules() if getattr(m, "bias", None) is not None}
+    plan.compensated = bias_compensation.compensate(model, dense, plan.keeps)
+    plan.added_biases = [name for name in plan.compensated if name not in had_bias]
+    plan.params_after = total_parameters(model)
+    if is_hf_model(model):
+        update_config(model)
+
+
+__all__ = ["prune_structured"]
