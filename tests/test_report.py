@@ -1,8 +1,9 @@
-"""Reports: HTML with its plots inline, rendered by headless Chromium; Markdown and JSON beside it."""
+"""Reports: HTML from a template with its plots inline, rendered by headless Chromium; Markdown and JSON beside it."""
 from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -16,6 +17,9 @@ from secateurs import run as runner
 from secateurs.cli import main
 from secateurs.errors import FileProblem
 from secateurs.report import build_report, read_run
+from secateurs.report import plots
+from secateurs.report.collect import read_folder
+from secateurs.report.render import _figures
 
 from .test_recipe import project  # noqa: F401  (the tiny model, its weights, data and pipeline recipe)
 
@@ -29,6 +33,8 @@ stages:
   - finetune: {epochs: 1}
   - quantize
 """
+# A folder name a browser would read as markup if it were not escaped.
+ODD_NAME = "pruned <b>&"
 
 
 def _sensitivity(run_dir: Path) -> dict[str, list[list[float]]]:
@@ -55,7 +61,7 @@ def _sensitivity(run_dir: Path) -> dict[str, list[list[float]]]:
 
 @pytest.fixture(scope="module")
 def runs(project, tmp_path_factory, one_thread):  # noqa: F811
-    """Two finished runs of different recipes; the second carries sensitivity curves."""
+    """Two finished recipe runs (the second with accuracy sensitivity curves) and a `secateurs prune` folder."""
     root = tmp_path_factory.mktemp("report-runs")
     structured = root / "structured"
     assert main(["run", str(project / "recipe.yaml"), "--out", str(structured)]) == 0
@@ -64,8 +70,13 @@ def runs(project, tmp_path_factory, one_thread):  # noqa: F811
     unstructured = runner.run_recipe(recipe, root / "unstructured").out_dir
     metrics = json.loads((unstructured / "metrics.json").read_text())
     metrics["sensitivity"] = _sensitivity(unstructured)
+    metrics["sensitivity_metric"] = "accuracy on the calibration data"
     (unstructured / "metrics.json").write_text(json.dumps(metrics))
-    return [structured, unstructured]
+    pruned = root / ODD_NAME
+    assert main(["prune", "--model", "secateurs_recipe_tiny:build", "--weights", str(project / "dense.safetensors"),
+                 "--calib", str(project / "calib.safetensors"), "--structured", "--keep", "macs=0.5",
+                 "--out", str(pruned)]) == 0
+    return [structured, unstructured, pruned]
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +86,20 @@ def report(runs, tmp_path_factory):
     return out
 
 
+# pareto and latency across runs; widths + sparsity (structured run), sparsity and sensitivity
+# (unstructured run), widths (the prune folder)
+FIGURES = 2 + 2 + 2 + 1
+
+
 class _Figures(HTMLParser):
-    """Counts, per top-level <svg> or <img>, the drawing elements inside it."""
+    """Counts, per top-level <svg> or <img>, the drawing elements inside it, and collects its text."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.figures: list[dict[str, int]] = []
+        self.figures: list[dict] = []
         self.depth = 0
         self.external: list[str] = []
+        self.in_text = False
 
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
@@ -91,21 +108,28 @@ class _Figures(HTMLParser):
                 self.external.append(attributes[key])
         if tag == "svg":
             if self.depth == 0:
-                self.figures.append({"kind": "svg", "shapes": 0, "text": 0})
+                self.figures.append({"kind": "svg", "shapes": 0, "text": 0, "words": ""})
             self.depth += 1
         elif tag == "img" and (attributes.get("src") or "").startswith("data:image/png;base64,"):
-            self.figures.append({"kind": "img", "shapes": len(attributes["src"]) // 100, "text": 0})
+            self.figures.append({"kind": "img", "shapes": len(attributes["src"]) // 100, "text": 0, "words": ""})
         elif self.depth and tag in ("path", "use", "rect", "line", "polyline"):
             self.figures[-1]["shapes"] += 1
         elif self.depth and tag == "text":
             self.figures[-1]["text"] += 1
+            self.in_text = True
 
     def handle_endtag(self, tag):
         if tag == "svg":
             self.depth -= 1
+        elif tag == "text":
+            self.in_text = False
+
+    def handle_data(self, data):
+        if self.depth and self.in_text:
+            self.figures[-1]["words"] += data + " "
 
 
-def _figures(html: str) -> _Figures:
+def _figures_of(html: str) -> _Figures:
     parser = _Figures()
     parser.feed(html)
     return parser
@@ -113,27 +137,83 @@ def _figures(html: str) -> _Figures:
 
 def test_report_files_tables_and_plots(report, runs):
     html = (report / "report.html").read_text()
-    figures = _figures(html)
-    # accuracy vs MACs and vs bytes; per run widths and sparsity; sensitivity for the second run
-    assert len(figures.figures) == 2 + 2 * len(runs) + 1
+    figures = _figures_of(html)
+    assert len(figures.figures) == FIGURES
     assert all(f["shapes"] >= 10 and f["text"] >= 3 for f in figures.figures)
     assert figures.external == [] and "<script" not in html    # self-contained
     data = json.loads((report / "report.json").read_text())
-    assert [r["name"] for r in data["runs"]] == ["structured", "unstructured"]
+    assert [r["name"] for r in data["runs"]] == ["structured", "unstructured", ODD_NAME]
     assert [row["label"] for row in data["runs"][1]["rows"]] == ["dense", "0:prune", "1:finetune", "2:quantize"]
     assert data["runs"][1]["sensitivity"]["fc1"][0][0] == 0.0
+    assert data["plots"] == ["pareto", "latency", "run0_widths", "run0_sparsity", "run1_sparsity",
+                             "run1_sensitivity", "run2_widths"]
     markdown = (report / "report.md").read_text()
     assert "| stage | accuracy | params |" in markdown and "2:quantize (int8)" in markdown
     for stem in data["plots"]:
         assert f"(plots/{stem}.svg)" in markdown and (report / "plots" / f"{stem}.svg").stat().st_size > 1000
 
 
+def test_summary_is_in_percent_and_the_latency_table_has_spreads(report):
+    html = (report / "report.html").read_text()
+    summary = html[html.index('id="summary"'):html.index('id="pareto"')]
+    rows = re.findall(r"<tr>(.*?)</tr>", summary, flags=re.S)[1:]
+    assert len(rows) == 3
+    for row in rows:
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        assert re.fullmatch(r"\d+\.\d\d% → \d+\.\d\d%", cells[1])      # accuracy dense -> final, in %
+        assert all(c.endswith("%") for c in cells[2:6])                 # params, non-zeros, MACs, bytes kept
+    latency = html[html.index('id="latency-table"'):html.index('id="latency"')]
+    assert "<th>IQR ms</th>" in latency and "<th>speedup</th>" in latency
+    # every timed row: a median, a spread and the number of timed blocks
+    timed = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", latency, flags=re.S)[1:]]
+    assert len(timed) == 8 + 4 + 2 and all(float(r[2]) > 0 and float(r[3]) >= 0 and int(r[4]) >= 1 for r in timed)
+
+
+def test_names_are_escaped(report):
+    html = (report / "report.html").read_text()
+    assert "pruned <b>&" not in html and "pruned &lt;b&gt;&amp;" in html
+
+
+def test_sensitivity_curves_name_their_metric(report, runs):
+    html = (report / "report.html").read_text()
+    sensitivity = html[html.index('id="run1_sensitivity"'):]
+    words = _figures_of(sensitivity).figures[0]["words"]
+    assert "accuracy on the calibration data" in words and "removed" in words
+    assert read_run(runs[0]).sensitivity_metric == "mean cross_entropy loss on the calibration batches"
+
+
 def test_per_stage_table_reports_latency_and_size_of_every_stage(runs):
     record = read_run(runs[1])
     assert [r.label for r in record.rows] == ["dense", "0:prune", "1:finetune", "2:quantize"]
-    assert all(r.measurement["latency_ms"] > 0 and r.measurement["size_bytes"] > 0 for r in record.rows)
+    assert all(r.measurement["latency_ms"] > 0 and r.measurement["latency_iqr_ms"] >= 0 for r in record.rows)
+    assert all(r.measurement["size_bytes"] > 0 for r in record.rows)
     assert record.rows[-1].quantized and record.final["size_bytes"] < record.rows[-2].measurement["dense_size_bytes"]
     assert record.final_layers[2]["name"] == "fc1" and record.final_layers[2]["sparsity"] > 0.5
+
+
+def test_a_prune_output_folder_is_a_run_with_accuracy(runs):
+    (record,) = read_folder(runs[2])
+    assert record.kind == "prune" and [r.label for r in record.rows] == ["dense", "0:prune"]
+    assert record.dense["accuracy"] is not None and record.final["loss"] > 0
+    assert plots.widths_changed(record) and not plots.sparsity_changed(record)
+
+
+def test_per_layer_plots_are_the_ones_that_apply_never_empty(runs, tmp_path):
+    structured, unstructured = read_run(runs[0]), read_run(runs[1])
+    assert plots.widths_changed(structured) and plots.sparsity_changed(structured)
+    assert not plots.widths_changed(unstructured) and plots.sparsity_changed(unstructured)
+    untouched = read_run(runs[2])
+    untouched.final_layers = copy.deepcopy(untouched.dense_layers)
+    _, per_run, _ = _figures([untouched])
+    assert per_run[0] == []    # nothing changed per layer: no plot at all, and the page says why
+    out = build_report([runs[2]], tmp_path / "r")
+    assert "0:prune" in out.read_text()
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats():
+    points = [(1.0, 99.0), (0.5, 98.0), (0.5, 97.0), (0.25, 90.0), (0.6, 98.0)]
+    assert plots._pareto_front(points, higher_is_better=True) == {0, 1, 3}
+    assert plots._pareto_front([(1.0, 2.0), (0.5, 3.0)], higher_is_better=False) == {0, 1}
 
 
 def test_report_refuses_a_folder_that_is_not_a_run_and_an_output_over_a_run(runs, tmp_path, capsys):
@@ -141,8 +221,19 @@ def test_report_refuses_a_folder_that_is_not_a_run_and_an_output_over_a_run(runs
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a run directory" in err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "metrics.json").write_text('{"accuracy": 1}')
+    assert main(["report", str(tmp_path / "odd"), "--out", str(tmp_path / "out")]) == 2
+    assert "neither a dense measurement" in capsys.readouterr().err
     with pytest.raises(FileProblem, match="would overwrite input"):
         build_report([runs[0]], runs[0].parent)
+
+
+def test_a_report_can_be_written_again_over_itself(runs, tmp_path):
+    build_report([runs[2]], tmp_path / "r")
+    page = build_report([runs[1], runs[2]], tmp_path / "r", overwrite=True)
+    assert "run1_sparsity" not in page.read_text() and (tmp_path / "r" / "plots" / "run0_sparsity.svg").is_file()
+    assert not (tmp_path / "r" / "plots" / "run0_widths.svg").exists()     # the first report's plots are gone
 
 
 def _chromium(*arguments: str, profile: Path) -> subprocess.CompletedProcess:
@@ -159,17 +250,33 @@ def test_report_renders_in_headless_chromium_with_its_plots(report, runs, tmp_pa
     page = (report / "report.html").resolve().as_uri()
     dom = _chromium("--dump-dom", page, profile=tmp_path / "profile")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    figures = _figures(dom.stdout)     # what the browser parsed, not the file
-    assert len(figures.figures) == 2 + 2 * len(runs) + 1
+    figures = _figures_of(dom.stdout)     # what the browser parsed, not the file
+    assert len(figures.figures) == FIGURES
     assert all(f["shapes"] >= 10 for f in figures.figures)
     shot = tmp_path / "page.png"
-    screenshot = _chromium(f"--screenshot={shot}", "--window-size=1000,1400", page, profile=tmp_path / "profile")
+    screenshot = _chromium(f"--screenshot={shot}", "--window-size=1280,1400", page, profile=tmp_path / "profile")
     assert screenshot.returncode == 0 and shot.is_file(), screenshot.stderr[-2000:]
     from matplotlib.image import imread
 
     pixels = torch.from_numpy(imread(str(shot))[..., :3].copy())
     colours = torch.unique((pixels * 255).round().to(torch.int32).reshape(-1, 3), dim=0)
-    # a blank or text-only page has a handful of colours; drawn plots (lines, bars, antialiasing) have many
+    # a blank or text-only page has a handful of colours; drawn plots (points, bars, antialiasing) have many
     assert len(colours) > 50
-    blue = ((pixels[..., 2] > 0.6) & (pixels[..., 0] < 0.3)).sum()   # matplotlib's first line colour
+    blue = ((pixels[..., 2] > 0.6) & (pixels[..., 0] < 0.3)).sum()   # matplotlib's first colour
     assert blue > 500
+
+
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="Chromium is not installed at /usr/bin/chromium")
+@pytest.mark.parametrize("width", [1280, 1024])
+def test_the_page_fits_a_laptop_screen_and_its_plots_fill_it(report, tmp_path, width):
+    """The page's own layout at a laptop's width: nothing wider than the window, every plot at least 80% of it."""
+    probe = tmp_path / "probe.html"
+    measure = ("<script>var w = [document.documentElement.scrollWidth].concat(Array.from("
+               "document.querySelectorAll('figure svg'), s => Math.round(s.getBoundingClientRect().width)));"
+               "document.body.setAttribute('data-widths', w.join(','));</script>")
+    probe.write_text((report / "report.html").read_text().replace("</body>", measure + "</body>"))
+    dom = _chromium("--dump-dom", f"--window-size={width},900", probe.resolve().as_uri(), profile=tmp_path / "p")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page, *svgs = map(int, re.search(r'data-widths="([\d,]+)"', dom.stdout).group(1).split(","))
+    assert page <= width and len(svgs) == FIGURES
+    assert all(w >= 0.8 * min(width, 78 * 15) for w in svgs), svgs

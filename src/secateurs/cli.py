@@ -24,7 +24,7 @@ from rich.table import Table
 from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
 from .batches import LOSSES, mean_loss
-from .criteria import CRITERIA, get_criterion
+from .criteria import get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .checkpoint import load, save
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
@@ -43,9 +43,12 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.option_strings and "%(default)" not in text and "default" not in text
-                and action.default not in (None, False, [], argparse.SUPPRESS)):
-            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        no_default = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if action.option_strings and "%(default)" not in text and "default" not in text and not no_default:
+            default = "%(default)s"
+            if isinstance(action.default, list):   # a long list by its ends
+                shown = action.default if len(action.default) <= 4 else [*action.default[:2], "...", action.default[-1]]
+                default = " ".join(map(str, shown))
             text += f" (default: {default})"
         return text
 
@@ -110,17 +113,14 @@ class _Steps:
         self._line(f"  done in {time.perf_counter() - started:.1f} s")
 
 
-def _add_remove_keep(p: argparse.ArgumentParser, structured_too: bool = True) -> None:
-    p.add_argument("--remove", type=_ratio, default=None, metavar="F",
-                   help="fraction removed: of the weights, or with --structured of each group's channels")
-    if structured_too:
-        p.add_argument("--keep", default=None, metavar="COST=F",
-                       help="with --structured: share of a cost kept, macs=0.5, params=0.3, bytes=0.5; or latency_ms=5")
+def _add_remove_keep(p: argparse.ArgumentParser, remove: str, keep: str) -> None:
+    p.add_argument("--remove", type=_ratio, default=None, metavar="F", help=remove)
+    p.add_argument("--keep", default=None, metavar="COST=F", help=keep)
 
 
 def _add_selection(p: argparse.ArgumentParser, method_default: str) -> None:
     p.add_argument("--method", default=None, metavar="NAME",
-                   help=f"criterion, one of: {', '.join(sorted(CRITERIA))} (default: {method_default})")
+                   help=f"criterion, e.g. magnitude, taylor, wanda, l2 (default: {method_default})")
     p.add_argument("--sparsity", type=_ratio, default=None, metavar="F", help="same as --remove, unstructured")
     p.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity, e.g. 2:4 (keep N of every M inputs)")
     p.add_argument("--scope", choices=SCOPES, default="global", metavar="S",
@@ -141,18 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the digits CNN cut three ways, recovered, measured: a table and a report",
                           description="Train (once, cached) a CNN on digits; remove channels to a MAC budget and, "
-                                      "beside it, zero 70%% of the weights and apply 2:4; recover each by "
+                                      "beside it, zero 70% of the weights and apply 2:4; recover each by "
                                       "distillation; time all four; write the model, metrics.json and a report.")
     demo.add_argument("--method", default=DEMO_METHOD, metavar="NAME",
-                      help=f"criterion of all three cuts, one of: {', '.join(sorted(CRITERIA))}")
-    _add_remove_keep(demo)
-    demo.add_argument("--sparsity", type=_ratio, default=DEMO_SPARSITY, metavar="F",
-                      help="same as --remove: weights zeroed in the unstructured model")
+                      help="criterion of all three cuts, e.g. taylor, l2, magnitude")
+    _add_remove_keep(demo, "fraction of the weights zeroed in the unstructured model (default: 0.7)",
+                     f"the structured model's share of a cost: macs=0.5, params=, bytes= (default: {DEMO_TARGET})")
+    demo.add_argument("--sparsity", type=_ratio, default=DEMO_SPARSITY, metavar="F", help="same as --remove")
     demo.add_argument("--pattern", default=DEMO_PATTERN, metavar="N:M", help="the N:M model's pattern")
-    demo.add_argument("--target", default=None, metavar="COST=F", help=f"same as --keep (default: {DEMO_TARGET})")
+    demo.add_argument("--target", default=None, metavar="COST=F", help="same as --keep")
     demo.add_argument("--structured", action="store_true", help="only the structured model (quicker)")
-    demo.add_argument("--epochs", "--finetune-epochs", type=_positive_int, default=DEMO_EPOCHS, metavar="N",
+    demo.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, metavar="N",
                       help="epochs of distillation for each pruned model")
+    demo.add_argument("--finetune-epochs", type=_positive_int, dest="epochs", default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)   # the old spelling
     demo.add_argument("--latency-batch", type=_positive_int, default=DEMO_LATENCY_BATCH, metavar="N",
                       help="test images per timed forward pass")
     demo.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="CPU threads for latency")
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf", metavar="PATH", help="a Hugging Face causal LM or encoder folder, loaded offline")
     p.add_argument("--weights", default=None, metavar="FILE", help="with --model: .safetensors, or torch plain tensors")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file you trust")
-    _add_remove_keep(p)
+    _add_remove_keep(p, "fraction removed: of the weights, or with --structured of each group's channels",
+                     "with --structured: share of a cost kept, e.g. macs=0.5, bytes=0.5; or latency_ms=5")
     _add_selection(p, "magnitude; l2 with --structured")
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="'inputs' (+ 'targets': accuracy/loss measured); --hf: text or JSONL")
@@ -311,7 +314,7 @@ def _share(value: float, dense: float) -> str:
 def _demo_table(demo: Any) -> Table:
     """One row per model: accuracy right after the cut and recovered, costs with their share of dense, latency."""
     dense, timing = demo.dense.after, demo.dense.timing
-    table = Table(title=f"digits CNN: dense, and pruned three ways then distilled {demo.epochs} epochs "
+    table = Table(title=f"digits CNN: dense, and pruned then distilled {demo.epochs} epochs "
                         f"(latency: batch of {demo.latency_batch}, {demo.threads} thread{'s' * (demo.threads > 1)})")
     for column in ("model", "accuracy (cut → recovered)", "params", "non-zero", "MACs / image", "bytes",
                    "latency ms", "speedup"):
@@ -319,9 +322,9 @@ def _demo_table(demo: Any) -> Table:
     for entry in [demo.dense] + demo.variants:
         m = entry.after
         accuracy = f"{m.accuracy:.2%}" if entry is demo.dense else f"{entry.cut.accuracy:.2%} → {m.accuracy:.2%}"
-        table.add_row(f"{entry.name}: {entry.what}", accuracy, f"{m.params:,} ({_share(m.params, dense.params)})",
+        table.add_row(entry.label, accuracy, f"{m.params:,} ({_share(m.params, dense.params)})",
                       _share(m.nonzeros, dense.nonzeros), f"{m.macs:,} ({_share(m.macs, dense.macs)})",
-                      f"{m.size_bytes:,} ({_share(m.size_bytes, dense.size_bytes)})", str(entry.timing).replace(" ms", ""),
+                      f"{m.size_bytes:,} ({_share(m.size_bytes, dense.size_bytes)})", entry.timing.text,
                       "1.00x" if entry is demo.dense else entry.timing.speedup(timing))
     return table
 
@@ -368,8 +371,12 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
             (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
         page = build_report([out], out / "report", overwrite=True)
     console.print(_demo_table(result))
-    console.print("latency: median ± half the interquartile range of torch.utils.benchmark's timed blocks; "
-                  "\"within noise\": the spreads cover the difference", highlight=False)
+    console.print("; ".join(f"{v.name}: {v.what}" for v in result.variants)
+                  + f"; each scored by {args.method}, then distilled from the dense model", highlight=False,
+                  soft_wrap=True)
+    console.print(f"accuracy: the {result.test_images} held-out test images; latency: median ± half the interquartile "
+                  "range of torch.utils.benchmark's timed blocks, \"within noise\" where the spreads cover the difference",
+                  highlight=False, soft_wrap=True)
     for what, where in (("model", f"{out / 'model.safetensors'} (+ plan.json; secateurs.load(DigitsCNN(), "
                                   f"'{out}') rebuilds it)"),
                         ("metrics", out / "metrics.json"), ("report", page)):

@@ -9,6 +9,7 @@ thread count and how many blocks and calls it timed.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -75,6 +76,11 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def timing(self) -> Timing | None:
+        """The latency as a Timing (median, spread, threads, runs); None where not timed."""
+        return Timing.of(self.to_dict())
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -201,10 +207,15 @@ def nonzero_macs(model: nn.Module, per_module: dict[str, int], total: int) -> in
     return total - saved
 
 
+# The Measurement fields that are wall-clock times: two runs of the same thing differ in them.
+TIMING_FIELDS = ("latency_ms", "latency_iqr_ms", "latency_runs")
 # Timing stops once the IQR is within this fraction of the median...
-PRECISION = 0.05
-# ...after at least MIN_SECONDS of timed calls, and at the latest after MAX_SECONDS.
-MIN_SECONDS, MAX_SECONDS = 0.05, 1.0
+PRECISION = 0.1
+# ...after at least MIN_RUNS blocks and MIN_SECONDS of timed calls, and at the latest after MAX_SECONDS
+# (wall clock, from the first timed call).
+MIN_RUNS, MIN_SECONDS, MAX_SECONDS = 10, 0.05, 1.0
+# A block of calls lasts at least this long, so that the timer's own overhead is negligible.
+BLOCK_SECONDS = 5e-4
 
 
 @dataclass(frozen=True)
@@ -240,12 +251,27 @@ class Timing:
         text = f"{dense.median_ms / self.median_ms:.2f}x" if self.median_ms > 0 else "-"
         return text + (", within noise" if self.within_noise(dense) else "")
 
+    @property
+    def text(self) -> str:
+        """The median and half the IQR at the same decimals, in milliseconds: "3.52 ± 0.07", "14.76 ± 0.08"."""
+        return _decimals(self.median_ms, self.iqr_ms / 2)
+
     def __str__(self) -> str:
-        """The median and half the IQR, e.g. "3.52 ± 0.07 ms"."""
-        return f"{self.median_ms:.3g} ± {self.iqr_ms / 2:.2g} ms"
+        return f"{self.text} ms"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _decimals(median: float, spread: float) -> str:
+    """`median ± spread` at one number of decimals: the median's third significant digit, or further
+    (two more at most) until the spread shows a non-zero digit."""
+    def needed(value: float, digits: int) -> int:
+        return max(0, digits - 1 - math.floor(math.log10(value))) if value > 0 else 0
+    decimals = needed(median, 3)
+    if spread > 0:
+        decimals = min(max(decimals, needed(spread, 1)), decimals + 2)
+    return f"{median:.{decimals}f} ± {spread:.{decimals}f}"
 
 
 def time_forward(model: nn.Module, example_inputs: Any, threads: int = 1, *, warmup: int = 3,
@@ -253,11 +279,14 @@ def time_forward(model: nn.Module, example_inputs: Any, threads: int = 1, *, war
                  max_seconds: float | None = None) -> Timing:
     """Median and IQR of one forward pass of `model` on `example_inputs`, in eval mode, at `threads` threads.
 
-    `warmup` untimed calls come first; torch.utils.benchmark then sizes blocks of calls
-    (a block is long enough for the timer's own overhead to vanish) and times blocks
-    until the IQR is within `precision` of the median and `min_seconds` have passed, or
-    `max_seconds` have (defaults: PRECISION, MIN_SECONDS, MAX_SECONDS, read at call time).
-    The thread count is restored afterwards.
+    `warmup` untimed calls come first. torch.utils.benchmark's Timer then times blocks of
+    calls, a block as short as the timer's own overhead allows (one call, unless a call
+    takes under BLOCK_SECONDS): the median of short blocks, like that of single calls,
+    stays put when the machine is briefly busy, where the mean of a long block would not.
+    Blocks are timed until there are at least MIN_RUNS, `min_seconds` have passed and the
+    IQR is within `precision` of the median, or until `max_seconds` have passed
+    (defaults: PRECISION, MIN_SECONDS, MAX_SECONDS, read at call time). The thread count
+    is restored afterwards.
     """
     precision = PRECISION if precision is None else precision
     min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
@@ -272,11 +301,23 @@ def time_forward(model: nn.Module, example_inputs: Any, threads: int = 1, *, war
         with torch.inference_mode(), eval_mode(model):
             for _ in range(warmup):
                 _call(model, example_inputs)
-            measured = timer.adaptive_autorange(threshold=precision, min_run_time=min_seconds,
-                                                max_run_time=max_seconds)
+            started = time.perf_counter()
+            first = timer.timeit(1)
+            number = max(1, math.ceil(BLOCK_SECONDS / max(first.raw_times[0], 1e-9)))
+            times: list[float] = []
+            check = MIN_RUNS     # the statistics are computed at MIN_RUNS blocks, then every quarter more
+            while True:
+                times += timer.timeit(number).raw_times
+                over = time.perf_counter() - started > max_seconds
+                if len(times) < check and not over:
+                    continue
+                check = math.ceil(len(times) * 1.25)
+                summary = benchmark.Measurement(number, list(times), first.task_spec)   # median, IQR
+                if over or (sum(times) >= min_seconds and summary.meets_confidence(precision)):
+                    break
     finally:
         torch.set_num_threads(previous)
-    return Timing(measured.median * 1e3, measured.iqr * 1e3, threads, len(measured.times))
+    return Timing(summary.median * 1e3, summary.iqr * 1e3, threads, len(times))
 
 
 def latency_ms(model: nn.Module, example_inputs: Any, threads: int = 1,

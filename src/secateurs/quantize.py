@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import IncompatibleLayer, WeightsMismatch
 from .io import _encode as encode_state, load_state
-from .measure import Measurement, count_macs, count_parameters, latency_ms, nonzero_macs
+from .measure import Measurement, count_macs, count_parameters, nonzero_macs, time_forward
 
 _SCALE, _ZERO = ".weight_scale", ".weight_zero_point"
 
@@ -138,11 +138,12 @@ def measure_int8(quantized: nn.Module, float_model: nn.Module, example_inputs: A
     """
     params, nonzeros = count_parameters(float_model)
     macs, per_module = count_macs(float_model, example_inputs)
+    timing = time_forward(quantized, example_inputs, threads)
     return Measurement(
         params=params, nonzeros=nonzeros, macs=macs, nonzero_macs=nonzero_macs(float_model, per_module, macs),
         size_bytes=int8_bytes(quantized), dense_size_bytes=len(st_save(int8_state(quantized))),
-        latency_ms=latency_ms(quantized, example_inputs, threads=threads, repeats=repeats),
-        threads=threads, accuracy=evaluate(quantized) if evaluate else None)
+        latency_ms=timing.median_ms, threads=threads, accuracy=evaluate(quantized) if evaluate else None,
+        latency_iqr_ms=timing.iqr_ms, latency_runs=timing.runs)
 
 
 __all__ = ["int8_bytes", "int8_state", "load_int8", "measure_int8", "quantize_int8", "quantized_layers", "save_int8"]

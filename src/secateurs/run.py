@@ -39,7 +39,7 @@ from .errors import FileProblem, InvalidArgument
 from .checkpoint import save
 from .io import build_model, check_output_dir, load_into, load_state, staged_output
 from .io import _encode as encode_state
-from .measure import measure
+from .measure import TIMING_FIELDS, measure
 from .quantize import measure_int8, quantize_int8, quantized_layers, save_int8
 from .recipe import Recipe, load_recipe
 from .recover.finetune import evaluate_accuracy, finetune
@@ -47,7 +47,7 @@ from .structured import prune_structured, replay
 from .tracking import open_run_log, require_loggers
 
 # Keys whose values are wall-clock times: they differ between two runs of the same recipe.
-TIMING_KEYS = ("latency_ms", "seconds")
+TIMING_KEYS = (*TIMING_FIELDS, "seconds")
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("state.safetensors", "plans.json", "stage.json")
 

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
@@ -89,11 +90,16 @@ def train_dense(data: DigitsData, on_epoch: Callable[[int, int], Any] | None = N
     return model.eval()
 
 
+def dense_cache_path() -> Path:
+    """Where the trained dense CNN is cached, keyed by its training recipe."""
+    key = hashlib.sha256(repr(sorted(RECIPE.items())).encode()).hexdigest()[:12]
+    return cache_dir() / f"digits-{key}.safetensors"
+
+
 def dense_model(data: DigitsData, use_cache: bool = True,
                 on_epoch: Callable[[int, int], Any] | None = None) -> DigitsCNN:
     """The trained dense CNN, from the cache when a matching one is there."""
-    key = hashlib.sha256(repr(sorted(RECIPE.items())).encode()).hexdigest()[:12]
-    path = cache_dir() / f"digits-{key}.safetensors"
+    path = dense_cache_path()
     if use_cache and path.is_file():
         model = DigitsCNN()
         model.load_state_dict(load_state(path))
@@ -136,6 +142,7 @@ class DemoModel:
     """One model of the demo: how it was made, and its costs right after the cut and after recovery."""
 
     name: str                      # "dense", "structured", "unstructured", "2:4"
+    label: str                     # the name with its setting, e.g. "structured (macs=0.25)"
     what: str                      # how it was made, in words
     model: nn.Module
     plan: Any = None
@@ -157,6 +164,7 @@ class Demo:
     latency_batch: int
     epochs: int
     seed: int
+    test_images: int               # accuracy is measured on these held-out images
 
     @property
     def headline(self) -> DemoModel:
@@ -174,36 +182,49 @@ def demo(*, target: str = DEMO_TARGET, sparsity: float = DEMO_SPARSITY, pattern:
     held-out test split; latency on `latency_batch` test images at `threads` threads,
     all models timed one after another at the end so they share the machine's state.
     """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)   # training too: one thread is as fast for this CNN, and steady on a busy machine
+    try:
+        return _demo(target, sparsity, pattern, method, epochs, threads, latency_batch, seed, only_structured, step)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _demo(target: str, sparsity: float, pattern: str, method: str, epochs: int, threads: int, latency_batch: int,
+          seed: int, only_structured: bool, step: Step) -> Demo:
     from ..api import prune
     from ..recover.distill import distill
     from ..structured import prune_structured
 
     torch.manual_seed(seed)
     data = load_digits()
-    with step(f"dense CNN: loading it, or training it ({RECIPE['epochs']} epochs, cached after the first run)",
-              RECIPE["epochs"]) as update:
+    cached = dense_cache_path().is_file()
+    what = (f"dense CNN: from the cache ({dense_cache_path()})" if cached else
+            f"dense CNN: training it, {RECIPE['epochs']} epochs (cached for the next run)")
+    with step(what, None if cached else RECIPE["epochs"]) as update:
         dense = dense_model(data, on_epoch=update)
     example = data.test_x[:1]
     timed = data.test_x[:latency_batch]
     scoring = data.train_batches()[:8]
-    cuts: list[tuple[str, str, Callable[[nn.Module], Any]]] = [
-        ("structured", f"channels removed to {target} ({method})",
+    cuts: list[tuple[str, str, str, Callable[[nn.Module], Any]]] = [
+        ("structured", f"structured ({target.split(',')[0]})", f"channels removed to {target}",
          lambda m: prune_structured(m, example, target=target, method=method, data=scoring,
                                     loss_fn=F.cross_entropy, seed=seed))]
     if not only_structured:
-        cuts.append(("unstructured", f"{sparsity:.0%} of the weights zeroed ({method})",
+        cuts.append(("unstructured", f"unstructured ({sparsity:.0%})", f"{sparsity:.0%} of the weights zeroed",
                      lambda m: prune(m, method, sparsity, data=scoring, loss_fn=F.cross_entropy, seed=seed)))
-        cuts.append((pattern, f"{pattern} sparsity ({method})",
+        kept, every = pattern.split(":")
+        cuts.append((pattern, pattern, f"{kept} of every {every} weights kept",
                      lambda m: prune(m, method, pattern=pattern, data=scoring, loss_fn=F.cross_entropy,
                                      skip_incompatible=True, seed=seed)))
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
-    base = DemoModel("dense", "trained on digits", dense)
+    base = DemoModel("dense", "dense", "trained on digits", dense)
     base.cut = base.after = measure(dense, example, threads=threads, evaluate=evaluate, timed=False)
     variants = []
-    for name, what, cut in cuts:
-        with step(f"{name}: {what}, then {epochs} epochs of distillation", epochs) as update:
+    for name, label, what, cut in cuts:
+        with step(f"{name}: {what} ({method} scores), then {epochs} epochs of distillation", epochs) as update:
             model = copy.deepcopy(dense)
-            variant = DemoModel(name, what, model, cut(model))
+            variant = DemoModel(name, label, what, model, cut(model))
             variant.cut = measure(model, example, threads=threads, evaluate=evaluate, timed=False)
             for epoch in range(epochs):
                 distill(model, dense, data.train_batches(seed=100 + epoch), epochs=1, lr=DEMO_LR)
@@ -215,7 +236,7 @@ def demo(*, target: str = DEMO_TARGET, sparsity: float = DEMO_SPARSITY, pattern:
         for done, entry in enumerate([base] + variants, start=1):
             entry.after = measure(entry.model, example, threads=threads, evaluate=evaluate, timed_inputs=timed)
             update(done, 1 + len(variants))
-    return Demo(base, variants, threads, len(timed), epochs, seed)
+    return Demo(base, variants, threads, len(timed), epochs, seed, len(data.test_y))
 
 
 __all__ = ["Demo", "DemoModel", "DigitsCNN", "DigitsData", "accuracy", "demo", "dense_model", "load_digits"]

@@ -53,6 +53,11 @@ class RunRecord:
     sensitivity: dict[str, list[list[float]]] = field(default_factory=dict)
     sensitivity_metric: str = "metric"
     kind: str = "run"                  # what wrote it: "run", "prune" or "demo"
+    dense_shared: bool = False         # its dense row is an earlier record's (a demo's variants share one)
+
+    def rows_shown(self) -> list[StageRow]:
+        """The rows to plot and list across runs: a dense row shared with an earlier record is left out."""
+        return self.rows[1:] if self.dense_shared else self.rows
 
     @property
     def dense(self) -> dict[str, Any]:
@@ -118,7 +123,7 @@ def _before_after(path: Path, name: str, metrics: dict[str, Any]) -> list[RunRec
     for variant in variants:
         rows = [dense_row] + [StageRow(i, s["stage"], False, s["measurement"]) for i, s in enumerate(variant["stages"])]
         records.append(RunRecord(name=f"{name}/{variant['name']}", rows=rows, final_layers=variant.get("layers", []),
-                                 kind="demo", **common))
+                                 kind="demo", dense_shared=bool(records), **common))
     return records
 
 

@@ -15,6 +15,7 @@ matplotlib.use("Agg")   # no display: render to files only
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
+from ..measure import Timing
 from .collect import RunRecord, StageRow  # noqa: E402
 
 # Fixed ids and no date, so the same runs give byte-identical SVG.
@@ -66,14 +67,14 @@ def pareto(runs: Sequence[RunRecord]) -> str:
     """
     key, label = quality_key(runs)
     higher = key == "accuracy"
-    stages = list(dict.fromkeys(row.stage for run in runs for row in run.rows))
+    stages = list(dict.fromkeys(row.stage for run in runs for row in run.rows_shown()))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     with plt.rc_context(_SVG_STYLE):
         fig, axes = plt.subplots(1, len(PARETO_COSTS), figsize=(WIDTH, 3.8), sharey=True, layout="constrained")
         for ax, (cost, title) in zip(axes, PARETO_COSTS):
             points = []
             for r, run in enumerate(runs):
-                for row in run.rows:
+                for row in run.rows_shown():
                     x, y = _relative(run, row, cost), row.measurement.get(key)
                     if x is None or y is None:
                         continue
@@ -148,22 +149,23 @@ def layer_sparsity(run: RunRecord) -> str:
 
 def latency(runs: Sequence[RunRecord]) -> str:
     """Measured latency of every run and stage: the median as a bar, the IQR as an error bar."""
-    labels, medians, spreads, colours = [], [], [], []
+    labels, medians, spreads, texts, colours = [], [], [], [], []
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for r, run in enumerate(runs):
-        for row in run.rows:
+        for row in run.rows_shown():
             m = row.measurement
             if m.get("latency_ms") is None:
                 continue
             labels.append(f"{run.name} · {row.label}")
             medians.append(m["latency_ms"])
             spreads.append((m.get("latency_iqr_ms") or 0) / 2)
+            texts.append(Timing.of(m).text)
             colours.append(cycle[r % len(cycle)])
     threads = sorted({row.measurement.get("threads") for run in runs for row in run.rows} - {None})
     with plt.rc_context(_SVG_STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 0.32 * len(labels) + 1.3), layout="constrained")
         bars = ax.barh(labels, medians, xerr=spreads, color=colours, capsize=3, error_kw={"elinewidth": 1})
-        ax.bar_label(bars, [f"{m:.3g} ± {s:.2g}" for m, s in zip(medians, spreads)], padding=6, fontsize=8)
+        ax.bar_label(bars, texts, padding=6, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, max(medians) * 1.25)
         ax.set_xlabel(f"milliseconds per forward pass (median; bar: half the interquartile range; "
@@ -185,12 +187,14 @@ def sensitivity(run: RunRecord) -> str:
 def sensitivity_figure(curves: dict[str, list[list[float]]], title: str, metric: str = "metric") -> Any:
     """A matplotlib figure of `curves` ({label: [[ratio, metric], ...]}), one line per label, `metric` on the y axis."""
     with plt.rc_context(_SVG_STYLE):
-        fig, ax = plt.subplots(figsize=(WIDTH * 0.75, 4.0), layout="constrained")
+        fig, ax = plt.subplots(figsize=(WIDTH, 4.2), layout="constrained")
         for layer, points in curves.items():
             ratios, values = zip(*points)
             ax.plot(ratios, values, marker=".", label=layer)
         ax.set_xlabel("fraction of the group's units removed")
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        if "accuracy" in metric:    # a fraction, shown in % as everywhere else
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=1 + len(curves) // 12, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import jinja2
 
 from ..io import check_output_dir, staged_output
-from ..measure import Timing
+from ..measure import MAX_SECONDS, PRECISION, Timing
 from . import plots
 from .collect import COLUMNS, RunRecord, read_runs
 
@@ -67,7 +68,7 @@ def latency_table(runs: list[RunRecord]) -> Table:
     rows = []
     for run in runs:
         dense = Timing.of(run.dense)
-        for row in run.rows:
+        for row in run.rows_shown():
             timing = Timing.of(row.measurement)
             if timing is None:
                 continue
@@ -78,21 +79,21 @@ def latency_table(runs: list[RunRecord]) -> Table:
 
 
 def summary_table(runs: list[RunRecord]) -> Table:
-    """One row per run: accuracy dense and final, and the final costs as a % of dense, latency with its spread."""
+    """One row per run: accuracy dense and final, the final costs as a % of dense, the speedup (spreads: latency table)."""
     rows = []
     for run in runs:
         d, f = run.dense, run.final
         accuracy = (f"{percent(d.get('accuracy'))} → {percent(f.get('accuracy'))}"
                     if d.get("accuracy") is not None or f.get("accuracy") is not None else "-")
         dense_t, final_t = Timing.of(d), Timing.of(f)
-        latency = f"{dense_t} → {final_t}" if dense_t and final_t else "-"
-        rows.append([run.name, run.rows[-1].label, accuracy, percent(_kept(f.get("params"), d.get("params")), 1),
+        rows.append([f"{run.name} · {run.rows[-1].label}", accuracy,
+                     percent(_kept(f.get("params"), d.get("params")), 1),
                      percent(_kept(f.get("nonzeros"), d.get("nonzeros")), 1),
                      percent(_kept(f.get("macs"), d.get("macs")), 1),
-                     percent(_kept(f.get("size_bytes"), d.get("size_bytes")), 1), latency,
+                     percent(_kept(f.get("size_bytes"), d.get("size_bytes")), 1),
                      final_t.speedup(dense_t) if dense_t and final_t else "-"])
-    return Table(["run", "final stage", "accuracy (dense → final)", "params", "non-zeros", "MACs", "bytes",
-                  "latency (dense → final)", "speedup"], rows)
+    return Table(["run · final stage", "accuracy (dense → final)", "params", "non-zeros", "MACs", "bytes",
+                  "speedup"], rows)
 
 
 def _figures(runs: list[RunRecord]) -> tuple[list[Figure], dict[int, list[Figure]], list[str]]:
@@ -143,7 +144,8 @@ def _context(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, lis
         sections.append({"run": run, "table": stage_table(run), "figures": per_run.get(i, []),
                          "layers_note": layers_note})
     return {"runs": runs, "summary": summary_table(runs), "latency": latency_table(runs), "shared": shared,
-            "sections": sections, "notes": notes}
+            "sections": sections, "notes": notes, "precision": f"{PRECISION:.0%}",
+            "max_seconds": f"{MAX_SECONDS:g}"}
 
 
 def render_html(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, list[Figure]],
@@ -174,5 +176,7 @@ def build_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
                                                         "plots": [f.stem for f in figures]}, indent=2))
         (stage / "plots").mkdir()
         for figure in figures:
-            (stage / "plots" / f"{figure.stem}.svg").write_text(str(figure.svg))
+            (stage / "plots" / f"{figure.stem}.svg").write_text(figure.svg)
+        if (out / "plots").is_dir():   # an earlier report's (overwrite): its plots are not this one's
+            shutil.rmtree(out / "plots")
     return out / "report.html"
