@@ -428,16 +428,18 @@ def test_a_latency_budget_is_reported_with_its_spread(project, capsys):
 
 
 def test_a_budget_met_only_within_noise_says_so():
-    from secateurs.cli import _budget_line
+    from secateurs.measure import budget_text
 
     budget = {"key": "latency_ms", "limit": 1.0, "target": "latency_ms=1,threads=1"}
     dense = {"macs": 100}
-    line = lambda median, iqr: _budget_line(budget, {"latency_ms": median, "latency_iqr_ms": iqr, "threads": 1,  # noqa: E731
-                                                     "latency_runs": 20, "macs": 40}, dense)
+    line = lambda median, iqr: budget_text(budget, {"latency_ms": median, "latency_iqr_ms": iqr, "threads": 1,  # noqa: E731
+                                                    "latency_runs": 20, "macs": 40}, dense)
     assert line(0.5, 0.1).endswith("met; it keeps 40% of the MACs")
     assert "met only within noise" in line(0.98, 0.1)
     assert "missed, within noise" in line(1.02, 0.1)
     assert ": missed;" in line(1.5, 0.1)
+    macs = {"key": "macs", "limit": 50.0, "dense": 100, "measured": 49, "target": "macs=0.5"}
+    assert budget_text(macs, {}, dense) == "budget macs=0.5: 49.0% of the dense macs (49 of 100): met"
 
 
 # ------------------------------------------------------------------ sensitivity and analyze

@@ -169,6 +169,14 @@ def test_summary_is_in_percent_and_the_latency_table_has_spreads(report):
     assert len(timed) == 8 + 4 + 2 and all(float(r[2]) > 0 and float(r[3]) >= 0 and int(r[4]) >= 1 for r in timed)
 
 
+def test_budgets_are_judged_on_what_the_pruned_model_measures(report):
+    html = (report / "report.html").read_text()
+    assert re.search(r"<li>1:prune: budget macs=0.5: \d+\.\d% of the dense macs \([\d,]+ of [\d,]+\): met</li>", html)
+    assert re.search(r"<li>0:prune: budget macs=0.5: .*: met</li>", html)
+    markdown = (report / "report.md").read_text()
+    assert "- 1:prune: budget macs=0.5:" in markdown and "## Run pruned &lt;b&gt;&amp;" in markdown
+
+
 def test_names_are_escaped(report):
     html = (report / "report.html").read_text()
     assert "pruned <b>&" not in html and "pruned &lt;b&gt;&amp;" in html

@@ -28,7 +28,7 @@ from .criteria import get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .checkpoint import load, save
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
-from .measure import Timing, count_parameters, measure
+from .measure import Timing, budget_text, count_parameters, measure
 from .structured import BUDGETS, UNIT_KINDS, Budget, parse_target, prune_structured
 
 ROWS = ("accuracy", "loss", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes",
@@ -342,6 +342,7 @@ def _demo_metrics(demo: Any) -> dict[str, Any]:
                     "spread": "latency_iqr_ms: interquartile range of the timed blocks"},
         "layers": {"before": layer_table(demo.dense.model), "after": layer_table(headline.model)},
         "variants": [{"name": v.name, "what": v.what, "layers": layer_table(v.model),
+                      "budget": getattr(v.plan, "budget", None),
                       "stages": [{"stage": "cut", "measurement": v.cut.to_dict()},
                                  {"stage": "distilled", "measurement": v.after.to_dict()}]}
                      for v in demo.variants],
@@ -495,21 +496,6 @@ def _quality(model: torch.nn.Module, data: list[Any] | None, loss: str) -> dict[
     return result
 
 
-def _budget_line(budget: dict[str, Any], after: dict[str, Any], before: dict[str, Any]) -> str:
-    """What a --keep budget asked and what the cut model measures: met, met only within noise, or missed."""
-    key, limit = budget["key"], budget["limit"]
-    if key == "latency_ms":
-        timing = Timing.of(after)
-        verdict = ("met only within noise" if timing.median_ms <= limit and timing.within_noise(limit)
-                   else "met" if timing.median_ms <= limit
-                   else "missed, within noise" if timing.within_noise(limit) else "missed")
-        return (f"budget {budget['target']}: the pruned model measures {timing} at {timing.threads} thread(s): "
-                f"{verdict}; it keeps {after['macs'] / before['macs']:.0%} of the MACs")
-    measured = budget["measured"]
-    return (f"budget {budget['target']}: {measured / budget['dense']:.1%} of the dense {key} "
-            f"({measured:,.0f} of {budget['dense']:,.0f}): {'met' if measured <= limit else 'missed'}")
-
-
 def run_prune(args: argparse.Namespace, console: Console) -> int:
     _spellings(args)
     if args.hf is not None:
@@ -595,7 +581,7 @@ def _finish_prune(args: argparse.Namespace, console: Console, model: torch.nn.Mo
     if "evaluated_on" in metrics:
         console.print(f"accuracy and loss: on {metrics['evaluated_on']}", highlight=False)
     if getattr(plan, "budget", None):
-        console.print(_budget_line(plan.budget, after, before), highlight=False, soft_wrap=True)
+        console.print(budget_text(plan.budget, after, before), highlight=False, soft_wrap=True)
     console.print(f"wrote the pruned model, plan.json and metrics.json to {args.out}/ "
                   f"(`secateurs report {args.out} --out REPORT_DIR` plots them)", highlight=False, soft_wrap=True)
     return 0

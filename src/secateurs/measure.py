@@ -1,10 +1,11 @@
 """What a pruned model costs: parameters, non-zeros, MACs, bytes and CPU latency.
 
-Every latency figure secateurs reports (the CLI, reports, latency tables and budgets)
-comes from one function, `time_forward`: torch.utils.benchmark's adaptive timer, after
-a warm-up, repeats blocks of calls until the interquartile range is within `PRECISION`
-of the median (or `MAX_SECONDS` have passed), and returns the median, the IQR, the
-thread count and how many blocks and calls it timed.
+Every latency of a whole model that secateurs reports (the CLI, reports, latency
+tables' dense figure, budget checks) comes from one function, `time_forward`: after a
+warm-up, torch.utils.benchmark's Timer times short blocks of calls until the
+interquartile range is within `PRECISION` of the median (or `MAX_SECONDS` have passed),
+and the median, the IQR, the thread count and the number of blocks are returned
+(`Timing`). `latency_ms` is its median.
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ class Timing:
     median_ms: float
     iqr_ms: float
     threads: int
-    runs: int           # blocks timed; each block's mean over its calls (sized by the timer) is one sample
+    runs: int           # blocks timed; each block (one call, or a few for very fast models) is one sample
 
     def within_noise(self, other: float | Timing) -> bool:
         """Whether the spreads cover the difference: the two medians' distance is at most half the IQRs' sum.
@@ -246,6 +247,13 @@ class Timing:
         return cls(measurement["latency_ms"], measurement.get("latency_iqr_ms") or 0.0,
                    measurement.get("threads") or 1, measurement.get("latency_runs") or 0)
 
+    def verdict(self, limit_ms: float) -> str:
+        """Against a budget of `limit_ms`: "met", "met only within noise", "missed, within noise" or "missed"."""
+        noise = self.within_noise(limit_ms)
+        if self.median_ms <= limit_ms:
+            return "met only within noise" if noise else "met"
+        return "missed, within noise" if noise else "missed"
+
     def speedup(self, dense: Timing) -> str:
         """How many times faster than `dense`, e.g. "2.41x", with ", within noise" where the spreads cover the difference."""
         text = f"{dense.median_ms / self.median_ms:.2f}x" if self.median_ms > 0 else "-"
@@ -261,6 +269,26 @@ class Timing:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def budget_text(budget: dict[str, Any], after: dict[str, Any], dense: dict[str, Any]) -> str:
+    """What a structured budget (a plan's `budget` record) asked and what the pruned model measures.
+
+    A latency budget is judged on `after`'s own timing, spread included (`Timing.verdict`);
+    MACs, parameters and bytes are exact.
+    """
+    key, limit = budget["key"], budget["limit"]
+    if key == "latency_ms":
+        timing = Timing.of(after)
+        if timing is None:
+            return f"budget {budget['target']}: not timed"
+        kept = (f"; it keeps {after['macs'] / dense['macs']:.0%} of the MACs"
+                if after.get("macs") and dense.get("macs") else "")
+        return (f"budget {budget['target']}: the pruned model measures {timing} at {timing.threads} thread(s): "
+                f"{timing.verdict(limit)}{kept}")
+    measured = budget["measured"]
+    return (f"budget {budget['target']}: {measured / budget['dense']:.1%} of the dense {key} "
+            f"({measured:,.0f} of {budget['dense']:,.0f}): {'met' if measured <= limit else 'missed'}")
 
 
 def _decimals(median: float, spread: float) -> str:

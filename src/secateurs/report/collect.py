@@ -32,6 +32,7 @@ class StageRow:
     stage: str
     quantized: bool
     measurement: dict[str, Any]
+    budget: dict[str, Any] | None = None     # the structured budget this stage's cut was searched for
 
     @property
     def label(self) -> str:
@@ -99,8 +100,8 @@ def _recipe_run(path: Path, name: str, metrics: dict[str, Any]) -> RunRecord:
     if "measurement" not in dense:
         raise FileProblem(f"{path}/metrics.json has no dense measurement; was it written by `secateurs run`?")
     rows = [StageRow(-1, "dense", False, dense["measurement"])]
-    rows += [StageRow(s["index"], s["stage"], bool(s.get("quantized")), s["measurement"])
-             for s in metrics.get("stages", [])]
+    rows += [StageRow(s["index"], s["stage"], bool(s.get("quantized")), s["measurement"],
+                      (s.get("result") or {}).get("budget")) for s in metrics.get("stages", [])]
     stages = metrics.get("stages") or [dense]
     return RunRecord(
         name=name, path=str(path.resolve()), config_hash=metrics.get("config_hash", ""),
@@ -116,12 +117,14 @@ def _before_after(path: Path, name: str, metrics: dict[str, Any]) -> list[RunRec
     common = {"path": str(path.resolve()), "config_hash": "", "seed": int(metrics.get("seed", 0)), "versions": {},
               "dense_layers": layers.get("before", [])}
     variants = metrics.get("variants")
+    budget = (metrics.get("plan") or {}).get("budget")
     if not variants:
-        rows = [dense_row, StageRow(0, metrics.get("stage", "prune"), False, metrics["after"])]
+        rows = [dense_row, StageRow(0, metrics.get("stage", "prune"), False, metrics["after"], budget)]
         return [RunRecord(name=name, rows=rows, final_layers=layers.get("after", []), kind="prune", **common)]
     records = []
     for variant in variants:
-        rows = [dense_row] + [StageRow(i, s["stage"], False, s["measurement"]) for i, s in enumerate(variant["stages"])]
+        rows = [dense_row] + [StageRow(i, s["stage"], False, s["measurement"], variant.get("budget"))
+                              for i, s in enumerate(variant["stages"])]
         records.append(RunRecord(name=f"{name}/{variant['name']}", rows=rows, final_layers=variant.get("layers", []),
                                  kind="demo", dense_shared=bool(records), **common))
     return records

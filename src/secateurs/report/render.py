@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 
 from ..io import check_output_dir, staged_output
-from ..measure import MAX_SECONDS, PRECISION, Timing
+from ..measure import MAX_SECONDS, PRECISION, Timing, budget_text
 from . import plots
 from .collect import COLUMNS, RunRecord, read_runs
 
@@ -129,8 +129,9 @@ _ENVIRONMENT = jinja2.Environment(loader=jinja2.PackageLoader("secateurs.report"
                                   autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
                                   trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
                                   keep_trailing_newline=True)
-# a Markdown table cell: a "|" would end the cell
-_ENVIRONMENT.filters["cell"] = lambda text: str(text).replace("|", "\\|")
+# text in Markdown: no HTML a viewer would render, and no "|" to end a table cell
+_ENVIRONMENT.filters["md"] = lambda text: (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                                           .replace("|", "\\|"))
 
 
 def _context(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, list[Figure]],
@@ -141,8 +142,10 @@ def _context(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, lis
         if not (plots.widths_changed(run) or plots.sparsity_changed(run)):
             layers_note = ("No per-layer record of this run." if not run.final_layers else
                            "Every layer kept its full width and has no zero weights: nothing to plot per layer.")
+        budgets = [f"{row.label}: {budget_text(row.budget, row.measurement, run.dense)}"
+                   for row in run.rows if row.budget]
         sections.append({"run": run, "table": stage_table(run), "figures": per_run.get(i, []),
-                         "layers_note": layers_note})
+                         "layers_note": layers_note, "budgets": budgets})
     return {"runs": runs, "summary": summary_table(runs), "latency": latency_table(runs), "shared": shared,
             "sections": sections, "notes": notes, "precision": f"{PRECISION:.0%}",
             "max_seconds": f"{MAX_SECONDS:g}"}
