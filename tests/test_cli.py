@@ -197,7 +197,7 @@ STRUCTURED_BAD = [
     (["--structured", "--sparsity", "0.5", "--input-shape", "1,12"], "--structured takes --ratio or --target"),
     (["--structured", "--input-shape", "1,12"], "exactly one of --ratio"),
     (["--structured", "--target", "flops=0.5", "--input-shape", "1,12"], "target must look like"),
-    (["--structured", "--ratio", "1.5", "--input-shape", "1,12"], "--ratio must be in [0, 1)"),
+    (["--structured", "--ratio", "1.5", "--input-shape", "1,12"], "ratio must be in [0, 1)"),
     (["--structured", "--ratio", "0.5", "--input-shape", "1,x"], "--input-shape must be positive integers"),
     (["--structured", "--ratio", "0.5"], "needs an example input"),
 ]

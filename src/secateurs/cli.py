@@ -23,6 +23,7 @@ from .checkpoint import load, save
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
 from .measure import count_parameters, measure
 from .structured import BUDGETS, UNIT_KINDS, Budget, parse_target, prune_structured
+from .structured.options import check_options
 
 ROWS = ("accuracy", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes", "latency_ms")
 
@@ -262,11 +263,7 @@ def _check_structured(args: argparse.Namespace) -> None:
         raise InvalidArgument("--structured takes --ratio or --target, not --sparsity / --pattern")
     if (args.ratio is None) == (args.target is None):
         raise InvalidArgument("--structured needs exactly one of --ratio (fraction of channels) or --target (e.g. macs=0.5)")
-    if args.target is not None:
-        parse_target(args.target)
-    elif not 0.0 <= args.ratio < 1.0:
-        raise InvalidArgument(f"--ratio must be in [0, 1), got {args.ratio}")
-    get_criterion(args.method or "l2")
+    check_options(ratio=args.ratio, target=args.target, method=args.method or "l2")
 
 
 def _at_threads(target: str | None, threads: int) -> str | None:

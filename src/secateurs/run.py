@@ -210,15 +210,17 @@ def _prune_channels(p: Pipeline, options: Any, batches: list[Any],
     method = options.method or "l2"
     if options.allocation is None:
         return [prune_structured(p.model, p.data.example, options.ratio, target=options.target, method=method,
-                                 scope=options.scope or "local", data=batches, loss_fn=p.data.loss_fn,
+                                 scope=options.scope or "local", units=options.units, data=batches,
+                                 loss_fn=p.data.loss_fn, round_to=options.round_to, max_ratio=options.max_ratio,
                                  ignore=options.ignore, seed=seed)], None
-    from .sensitivity import data_digest, mean_loss, prune_by_sensitivity_rounds, sensitivity
+    from .sensitivity import data_digest, mean_loss_metric, prune_by_sensitivity_rounds, sensitivity
 
     measured = []
 
     def measure(model: nn.Module) -> Any:
-        measured.append(sensitivity(model, p.data.example, mean_loss(batches, p.data.loss_fn), method=method,
-                                    ignore=options.ignore, data=batches, loss_fn=p.data.loss_fn,
+        measured.append(sensitivity(model, p.data.example, mean_loss_metric(batches, p.data.loss_fn), method=method,
+                                    ignore=options.ignore, units=options.units, round_to=options.round_to,
+                                    data=batches, loss_fn=p.data.loss_fn,
                                     higher_is_better=False, metric_name=f"{p.recipe.data.loss} loss",
                                     cache_dir=p.out_dir / "sensitivity",
                                     data_key=f"{p.recipe.data.loss}:{data_digest(batches)}", seed=seed))

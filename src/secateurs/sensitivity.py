@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .batches import LossFn
-from .batches import mean_loss as batches_mean_loss
+from .batches import mean_loss
 from .criteria import Calibration, Criterion, get_criterion
 from .errors import IncompatibleLayer, InvalidArgument
 from .graph import trace
@@ -47,6 +47,7 @@ from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
 from .structured import BUDGETS, GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, Budget, StructuredPlan, parse_target
 from .structured.apply import chosen_shapes, cut_model
+from .structured.options import check_options
 from .structured.units import Scored, choose_units, dense_macs, keeps_of, protect_members, score_model
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -140,11 +141,11 @@ class Allocation:
 
 # ------------------------------------------------------------------------ evaluation helpers
 
-def mean_loss(batches: Iterable[Any], loss_fn: LossFn) -> Evaluate:
+def mean_loss_metric(batches: Iterable[Any], loss_fn: LossFn) -> Evaluate:
     """An evaluate function: the mean of `loss_fn(model(inputs), targets)` over (inputs, targets) batches."""
     batches = list(batches)
 
-    return lambda model: batches_mean_loss(model, batches, loss_fn)
+    return lambda model: mean_loss(model, batches, loss_fn)
 
 
 def top1_accuracy(batches: Iterable[Any], loss_fn: LossFn | None = None) -> Evaluate:
@@ -155,7 +156,7 @@ def top1_accuracy(batches: Iterable[Any], loss_fn: LossFn | None = None) -> Eval
 
 # Metric name -> (evaluate-function factory over batches and a loss, whether higher is better).
 METRICS: dict[str, tuple[Callable[[Iterable[Any], LossFn], Evaluate], bool]] = {
-    "loss": (mean_loss, False),
+    "loss": (mean_loss_metric, False),
     "accuracy": (top1_accuracy, True),
 }
 
@@ -344,11 +345,7 @@ def _check_options(evaluate: Any, mode: str, round_to: int | None, units: Sequen
         raise InvalidArgument(f"evaluate must be a function model -> metric, got {type(evaluate).__name__}")
     if mode not in MODES:
         raise InvalidArgument(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
-    bad = [u for u in units if u not in UNIT_KINDS]
-    if bad or not units:
-        raise InvalidArgument(f"units must be some of {UNIT_KINDS}, got {list(units)!r}")
+    check_options(units=units, round_to=round_to, require_one=False)
     if cache_dir is not None and not (isinstance(data_key, str) and data_key):
         raise InvalidArgument(f"cache_dir needs data_key (a non-empty string naming the evaluation data), got "
                               f"{data_key!r}: without it curves measured on other data could be reused")
@@ -639,5 +636,5 @@ def prune_by_sensitivity_rounds(model: nn.Module, example_inputs: Any, measure: 
 
 
 __all__ = ["ALLOCATIONS", "Allocation", "DEFAULT_RATIOS", "GroupCurve", "METRICS", "MODES", "Sensitivity",
-           "allocate", "data_digest", "mean_loss", "prune_by_sensitivity", "prune_by_sensitivity_rounds", "save_plot", "sensitivity", "top1_accuracy",
+           "allocate", "data_digest", "mean_loss_metric", "prune_by_sensitivity", "prune_by_sensitivity_rounds", "save_plot", "sensitivity", "top1_accuracy",
            "weights_digest"]

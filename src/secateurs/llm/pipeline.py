@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import check_ratio, resolve_sparsity
+from ..api import resolve_sparsity
 from ..criteria import get_criterion
 from ..errors import FileProblem, InvalidArgument, MissingData
 from ..io import check_output_dir, staged_output
-from ..structured import UNIT_KINDS, parse_target
+from ..structured import UNIT_KINDS
+from ..structured.options import check_options
 from .blocks import find_blocks
 from .engine import LLMConfig, make_config
 
@@ -137,21 +138,13 @@ def _check_structured(options: CheckpointOptions) -> None:
     if options.stream:
         raise InvalidArgument("stream=True streams weights for unstructured pruning; structured pruning "
                               "(--structured) needs the whole model in memory")
-    if options.ratio is not None and options.target is not None:
-        raise InvalidArgument(f"give ratio or target, not both (got ratio={options.ratio}, target={options.target!r})")
     drop = options.drop_layers
     if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
         raise InvalidArgument(f"drop_layers must be an integer >= 0, got {drop!r}")
     if options.ratio is None and options.target is None and not drop:
         raise InvalidArgument("structured pruning needs ratio (e.g. 0.25), target (e.g. 'macs=0.6') "
                               "or drop_layers (e.g. 2)")
-    if options.ratio is not None:
-        check_ratio("ratio", options.ratio)
-    if options.target is not None:
-        parse_target(options.target)
-    bad = [u for u in options.units if u not in UNIT_KINDS] or ([] if options.units else ["(none)"])
-    if bad:
-        raise InvalidArgument(f"units must be some of {UNIT_KINDS}, got {bad[0]!r}")
+    check_options(ratio=options.ratio, target=options.target, units=options.units, require_one=False)
     if options.compensate and options.ratio is None and options.target is None:
         raise InvalidArgument("compensate=True folds the inputs of removed heads / channels into biases; "
                               "it needs ratio or target")

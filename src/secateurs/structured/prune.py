@@ -8,13 +8,14 @@ from torch import nn
 from .. import compensate as bias_compensation
 from ..batches import LossFn
 from ..criteria import Calibration, Criterion, get_criterion
-from ..errors import InvalidArgument, MissingData
+from ..errors import MissingData
 from ..hf_config import is_hf_model, update_config
 from ..measure import total_parameters
 from .apply import cut_model
-from .budget import BUDGETS, budget_record, check_latency, parse_target, search_ratio
+from .budget import BUDGETS, budget_record, check_latency, search_ratio
 from .plan import StructuredPlan, remember
-from .units import UNIT_KINDS, check_spec, score_model, select_units
+from .options import check_options
+from .units import UNIT_KINDS, score_model, select_units
 
 
 def prune_structured(
@@ -53,27 +54,13 @@ def prune_structured(
     where there was none): a cheap, training-free repair that matters most for
     transformers pruned without recovery. Conv layers are not compensated.
     """
-    if (ratio is None) == (target is None):
-        raise InvalidArgument("give exactly one of ratio (a fraction of units) or target (e.g. 'macs=0.5')")
-    if scope not in ("local", "global"):
-        raise InvalidArgument(f"unknown scope {scope!r}; expected 'local' or 'global'")
-    bad = [u for u in units if u not in UNIT_KINDS]
-    if bad:
-        raise InvalidArgument(f"unknown unit kind {bad[0]!r}; expected some of {UNIT_KINDS}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
-    if max_ratio is not None:
-        check_spec("max_ratio", max_ratio, upper_inclusive=True)
+    budget = check_options(ratio=ratio, target=target, scope=scope, units=units, round_to=round_to,
+                           max_ratio=max_ratio, method=method)
     if compensate and data is None:
         raise MissingData("compensate=True needs calibration data (data=...) for the mean inputs it folds in")
     criterion = get_criterion(method, seed=seed)
-    if target is not None:
-        budget = parse_target(target)
+    if budget is not None:
         scope = "global"
-    else:
-        check_spec("ratio", ratio, upper_inclusive=False)
-        if isinstance(ratio, dict) and scope != "local":
-            raise InvalidArgument(f"a per-group ratio dict needs scope='local', got scope={scope!r}")
     # One trace, one analysis and one scoring serve the ratio search and the cut alike.
     scored = score_model(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore)
     checks: list[dict[str, float]] = []
