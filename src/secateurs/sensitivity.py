@@ -22,6 +22,7 @@ anything. The predicted loss of an allocation is the sum of its groups' losses.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import contextlib
 import copy
 import hashlib
@@ -48,7 +49,7 @@ from .recover.finetune import evaluate_accuracy
 from .structured import BUDGETS, GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, Budget, StructuredPlan, parse_target
 from .structured.apply import chosen_shapes, cut_model
 from .structured.options import check_options
-from .structured.units import Scored, choose_units, dense_macs, keeps_of, protect_members, score_model
+from .structured.units import Scored, choose_units, dense_macs, gemm_width, group_quanta, keeps_of, protect_members, score_model
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Bump when the cached record's meaning changes, so old files are recomputed rather than misread.
@@ -224,7 +225,7 @@ MODES: dict[str, Callable[..., contextlib.AbstractContextManager[nn.Module]]] = 
 def _chosen(scored: Scored, ratios: dict[int, float], round_to: int | None) -> dict[int, list[int]]:
     """Group index -> positions removed when each group in `ratios` loses that fraction, as the cut chooses."""
     groups = [g for g in scored.groups if ratios.get(g.index, 0.0) > 0.0]
-    chosen = choose_units(scored.analysis, groups, scored.unit_scores, ratios, "local", round_to)
+    chosen = choose_units(scored.analysis, groups, scored.unit_scores, ratios, "local", group_quanta(scored, round_to))
     protect_members(scored.analysis, {g.index: g for g in groups}, chosen, scored.unit_scores, scored.unit_ids)
     return chosen
 
@@ -245,8 +246,7 @@ def _rank_scores(order: list[int], size: int) -> np.ndarray:
 
 
 def _replace_scores(scored: Scored, unit_scores: dict[int, np.ndarray]) -> Scored:
-    return Scored(scored.graph, scored.analysis, scored.groups, unit_scores, scored.macs, scored.params,
-                   scored.unit_ids)
+    return dataclasses.replace(scored, unit_scores=unit_scores)
 
 
 def _metric(evaluate: Evaluate, model: nn.Module) -> float:
@@ -452,7 +452,8 @@ def _traced(model: nn.Module, example_inputs: Any, curves: Sensitivity) -> Score
         groups.append(group)
     unit_scores = {c.index: _rank_scores(c.order, c.units) for c in curves.curves}
     return Scored(graph, analysis, groups, unit_scores, dense_macs(graph, model, example_inputs),
-                   total_parameters(model), {g.index: np.asarray(g.units, dtype=np.int64) for g in groups})
+                  total_parameters(model), {g.index: np.asarray(g.units, dtype=np.int64) for g in groups},
+                  {g.index: gemm_width(model, analysis, g) for g in groups})
 
 
 class _Costs:

@@ -20,8 +20,10 @@ from .apply import GRAPH_COSTS, chosen_shapes, cut_model
 from .plan import StructuredPlan
 from .units import (
     Scored,
+    aligned,
     first_units,
     global_order,
+    group_quanta,
     per_group,
     protect_members,
     select_units,
@@ -145,12 +147,14 @@ def search_ratio(model: nn.Module, example_inputs: Any, scored: Scored, target: 
     opaque = target.key == "macs" and graph_macs(scored.graph) is None
     scale = 1.0 if kind.absolute else cost.dense
     # the ranking does not depend on the ratio: rank once, and each trial takes a prefix
-    order = global_order(scored.groups, scored.unit_scores, per_group(scored.groups, max_ratio, 0.9), round_to)
+    quanta = group_quanta(scored, round_to)
+    order = global_order(scored.groups, scored.unit_scores, per_group(scored.groups, max_ratio, 0.9), quanta)
     total = sum(g.size for g in scored.groups)
     by_index = {g.index: g for g in scored.groups}
 
     def trial(ratio: float) -> float:
-        chosen = first_units(*order, int(ratio * total))   # as select_units(scored, ratio, "global", ...) chooses
+        # as select_units(scored, ratio, "global", ...) chooses
+        chosen = aligned(first_units(*order, int(ratio * total)), scored.groups, quanta)
         protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
         if opaque:
             return trial_cost(model, example_inputs, scored, target.key, chosen)
@@ -160,8 +164,9 @@ def search_ratio(model: nn.Module, example_inputs: Any, scored: Scored, target: 
     most = trial(high)
     if most / scale > target.value:
         share = "" if kind.absolute else f", {most / cost.dense:.1%} of the dense model's"
+        aligned_to = f" with kept widths multiples of round_to={round_to}" if round_to and round_to > 1 else ""
         raise InvalidArgument(f"target {target} cannot be met: the largest cut max_ratio allows (default 0.9 of "
-                              f"each group) leaves {target.key} at {most:.4g}{kind.unit}{share}")
+                              f"each group){aligned_to} leaves {target.key} at {most:.4g}{kind.unit}{share}")
     for _ in range(SEARCH_STEPS if not opaque else 10):
         mid = (low + high) / 2
         if trial(mid) / scale > target.value:
