@@ -99,6 +99,24 @@ def test_recipe_under_torchrun_writes_once_and_agrees(ranks):
     assert first["zeros_kept"]
 
 
+@pytest.mark.slow
+def test_trainer_callback_under_accelerate_launch(tmp_path):
+    """The transformers Trainer (DDP over gloo) on 2 CPU processes, each rank pruning with its own seed."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "tests" / "distributed_trainer.py"), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env(), check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    first, second = (json.loads((tmp_path / f"trainer-rank{rank}.json").read_text()) for rank in range(2))
+    assert first["world"] == [0, 2] and second["world"] == [1, 2]
+    assert first["wrapped"] == "DistributedDataParallel"
+    assert first["trained"] and first["zeros_kept"] and second["zeros_kept"]
+    assert first["sparsity"] == second["sparsity"] == {"body.0.weight": 0.5, "body.2.weight": 0.5}
+    assert first["digest"] == second["digest"] == first["reloaded"]     # Trainer.save_model wrote the masks too
+
+
 # ------------------------------------------------------------------------ one process
 
 def test_shard_batches_gives_every_rank_the_same_count():
