@@ -8,6 +8,7 @@ weights exactly zero in this rank's shard) and returns digests and losses for th
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from datetime import timedelta
@@ -19,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from secateurs import prune
+from secateurs.errors import InvalidArgument
 from secateurs.io import load_into, load_state
 from secateurs.recover import IterativeSchedule, PruningCallback, distill, finetune
 from secateurs.recover.distributed import (
@@ -105,6 +107,15 @@ def _checkpoint(model: nn.Module, out: Path, name: str, norm: bool = True) -> di
     return record
 
 
+def _error(call) -> str:
+    """The message of the InvalidArgument `call` raises ("" when it raises none)."""
+    try:
+        call()
+    except InvalidArgument as exc:
+        return str(exc)
+    return ""
+
+
 def ddp_finetune(out: Path) -> dict:
     model = pruned(norm=False)
     before = model[0].weight.detach().clone()
@@ -126,7 +137,8 @@ def fsdp_own(out: Path) -> dict:
     mine = batches(**STEPS_DATA)[rank::size]
     losses = finetune(model, mine, epochs=2, lr=0.05, optimizer="adamw", weight_decay=0.1)
     return {"losses": losses, "zeros_kept": zeros_kept(model), "sharded": type(model[0].weight).__name__,
-            "max_diff": state_close(model, _one_process()), **_checkpoint(model, out, "fsdp_own", norm=False)}
+            "max_diff": state_close(model, _one_process()), **_checkpoint(model, out, "fsdp_own", norm=False),
+            "gradual_error": _error(lambda: PruningCallback(model, lambda step: 0.7).on_step_end(1))}
 
 
 def fsdp_auto(out: Path) -> dict:
@@ -134,7 +146,8 @@ def fsdp_auto(out: Path) -> dict:
     model = pruned(norm=False)
     losses = finetune(model, batches(**STEPS_DATA), epochs=2, lr=0.05, optimizer="adamw", weight_decay=0.1,
                       parallel="fsdp")
-    return {"losses": losses, "zeros_kept": zeros_kept(model), "plain": type(model[0].weight).__name__,
+    hooked = functools.partial(finetune, model, batches(**STEPS_DATA), parallel="fsdp", on_step=print)
+    return {"hook_error": _error(hooked),"losses": losses, "zeros_kept": zeros_kept(model), "plain": type(model[0].weight).__name__,
             "max_diff": state_close(model, _one_process()), **_checkpoint(model, out, "fsdp_auto", norm=False)}
 
 

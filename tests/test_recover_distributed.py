@@ -66,6 +66,14 @@ def test_ddp_model_is_left_plain_and_fsdp_model_sharded(ranks):
     assert ranks[0]["fsdp_auto"]["plain"] == "Parameter"       # a sharded copy trained, loaded back
 
 
+def test_what_fsdp_cannot_do_is_refused_in_one_line(ranks):
+    for rank in ranks:
+        assert rank["fsdp_own"]["gradual_error"].startswith("gradual pruning needs whole weights and this model "
+                                                            "is sharded (FSDP2 fully_shard)")
+        assert rank["fsdp_auto"]["hook_error"].startswith("on_step would act on the unsharded model while "
+                                                          "parallel='fsdp' trains a sharded copy")
+
+
 @pytest.mark.parametrize("scenario", ["ddp_distill", "fsdp_distill"])
 def test_distillation_on_two_ranks_agrees(ranks, scenario):
     first, second = ranks[0][scenario], ranks[1][scenario]
@@ -134,6 +142,16 @@ def test_single_process_trains_as_it_is():
     assert mean_over_ranks([3.0, 1.0], [3, 0], model) == [1.0, 1.0]
     with pytest.raises(InvalidArgument, match="parallel must be 'auto', 'ddp', 'fsdp' or None, got 'tp'"):
         finetune(model, [(torch.randn(2, 4), torch.tensor([0, 1]))], parallel="tp")
+
+
+def test_torchrun_group_is_nothing_in_one_process(monkeypatch):
+    import torch.distributed as dist
+
+    from secateurs.recover.distributed import torchrun_group
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with torchrun_group() as rank:
+        assert rank == 0 and not dist.is_initialized()
 
 
 def test_save_checkpoint_in_one_process_reloads_with_masks(tmp_path):

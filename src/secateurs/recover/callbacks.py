@@ -25,7 +25,7 @@ from ..api import Plan, check_ratio, prune
 from ..errors import InvalidArgument, SecateursError
 from ..schedule import agp_sparsity, iterative_sparsities
 from ..sparsity import apply_masks
-from .distributed import sync_masks, unwrap
+from .distributed import is_sharded, sync_masks, unwrap
 
 
 @runtime_checkable
@@ -138,6 +138,9 @@ class PruningCallback:
     def _prune_if_due(self, step: int) -> None:
         target = self.schedule(step)
         if target is not None and target > 0.0:
+            if is_sharded(self.model):
+                raise InvalidArgument("gradual pruning needs whole weights and this model is sharded (FSDP2 "
+                                      "fully_shard): prune before sharding, or train with DDP")
             self.plans.append((step, prune(unwrap(self.model), sparsity=target, **self.prune_kwargs)))
             sync_masks(self.model)   # under torchrun every rank keeps rank 0's masks
 

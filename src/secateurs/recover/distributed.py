@@ -45,6 +45,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+@contextlib.contextmanager
+def torchrun_group() -> Iterator[int]:
+    """The default process group for the block when launched by torchrun; yields this rank.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) and with no group yet, one is
+    initialized (gloo for CPU tensors, NCCL for CUDA ones) and destroyed on leaving; a group
+    already initialized, or a single process, is left as it is.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield world()[0]
+        return
+    dist.init_process_group("cpu:gloo,cuda:nccl" if dist.is_nccl_available() else "gloo")
+    try:
+        yield world()[0]
+    finally:
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     """True when a default process group with more than one rank is initialized."""
     return world()[1] > 1
@@ -152,6 +170,11 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when some of `model`'s parameters are DTensor shards (FSDP2)."""
+    return any(_is_sharded(p) for p in model.parameters())
 
 
 def _shard(model: nn.Module) -> nn.Module:
@@ -285,6 +308,6 @@ def rank_output_dir(out: Path, resume: bool) -> Path:
     return private
 
 
-__all__ = ["PARALLEL", "broadcast_module", "check_consistent", "full_state_dict", "is_distributed", "is_wrapped",
+__all__ = ["PARALLEL", "broadcast_module", "check_consistent", "full_state_dict", "is_distributed", "is_sharded", "is_wrapped",
            "mean_over_ranks", "parallel_training", "rank_output_dir", "resolve_parallel", "save_checkpoint",
-           "shard_batches", "state_digest", "sync_buffers", "sync_masks", "unwrap", "world"]
+           "shard_batches", "state_digest", "sync_buffers", "sync_masks", "torchrun_group", "unwrap", "world"]
