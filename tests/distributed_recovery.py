@@ -23,12 +23,7 @@ from secateurs import prune
 from secateurs.errors import InvalidArgument
 from secateurs.io import load_into, load_state
 from secateurs.recover import IterativeSchedule, PruningCallback, distill, finetune
-from secateurs.recover.distributed import (
-    check_consistent,
-    save_checkpoint,
-    state_digest,
-    world,
-)
+from secateurs.recover.distributed import check_consistent, save_checkpoint, state_digest, world
 from secateurs.sparsity import _like, masked_params, sparsity_of
 
 STEPS_DATA = {"batches": 8, "batch_size": 4}

@@ -26,15 +26,8 @@ from torch import nn
 from ..batches import LossFn, eval_mode, model_device, split_batch, to_device
 from ..errors import IncompatibleLayer, InvalidArgument, MissingData
 from ..sparsity import keep_sparse
-from .distributed import (
-    average_gradients,
-    broadcast_module,
-    is_distributed,
-    is_wrapped,
-    mean_over_ranks,
-    parallel_training,
-    unwrap,
-)
+from .distributed import (average_gradients, broadcast_module, is_distributed, is_wrapped, mean_over_ranks,
+                          parallel_training, unwrap)
 from .finetune import OPTIMIZERS, check_hooks_follow
 
 

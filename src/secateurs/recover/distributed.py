@@ -195,10 +195,7 @@ def full_state_dict(model: nn.Module, everywhere: bool = False) -> dict[str, tor
     """
     if not is_distributed():
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
     state = get_model_state_dict(model, options=options)
