@@ -409,6 +409,14 @@ def _static_costs(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def run_run(args: argparse.Namespace, console: Console) -> int:
+    from .recover.distributed import torchrun_group
+
+    with torchrun_group() as rank:   # under torchrun every rank runs the recipe; rank 0 writes and prints
+        console.quiet = rank != 0
+        return _run_recipe(args, console)
+
+
+def _run_recipe(args: argparse.Namespace, console: Console) -> int:
     from .run import run_recipe
 
     def finished(index: int, name: str, record: dict[str, Any]) -> None:

@@ -180,6 +180,10 @@ class PruneStage(_Spec):
         return self
 
 
+# Under torchrun, how a recovery stage trains on all processes (unset: DDP; see secateurs.recover.distributed).
+Parallel = Literal["ddp", "fsdp"] | None
+
+
 class FinetuneStage(_Spec):
     """Train on the calibration data with the masks kept."""
 
@@ -187,6 +191,7 @@ class FinetuneStage(_Spec):
     lr: PositiveNumber = 1e-3
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: Annotated[float, BeforeValidator(_no_bool), Field(ge=0)] = 0.0
+    parallel: Parallel = None
 
 
 class DistillStage(_Spec):
@@ -196,6 +201,7 @@ class DistillStage(_Spec):
     lr: PositiveNumber = 1e-3
     temperature: PositiveNumber = 4.0
     alpha: Weight = 0.9
+    parallel: Parallel = None
 
 
 class QuantizeStage(_Spec):

@@ -42,6 +42,7 @@ from .io import _encode as encode_state
 from .measure import measure
 from .quantize import measure_int8, quantize_int8, quantized_layers, save_int8
 from .recipe import Recipe, load_recipe
+from .recover.distributed import is_distributed, rank_output_dir, world
 from .recover.finetune import evaluate_accuracy, finetune
 from .structured import prune_structured, replay
 from .tracking import open_run_log, require_loggers
@@ -234,7 +235,8 @@ def _finetune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
     losses = []
     for epoch in range(options.epochs):   # a fresh order each epoch, fixed by the stage seed
         losses += finetune(p.model, p.data.shuffled(seed + epoch), epochs=1, lr=options.lr, loss_fn=p.data.loss_fn,
-                           optimizer=options.optimizer, weight_decay=options.weight_decay)
+                           optimizer=options.optimizer, weight_decay=options.weight_decay,
+                           parallel=options.parallel or "auto")
     return {"loss": losses}
 
 
@@ -244,7 +246,8 @@ def _distill(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
     losses, kd = [], []
     for epoch in range(options.epochs):
         history = distill(p.model, p.teacher, p.data.shuffled(seed + epoch), epochs=1, lr=options.lr,
-                          temperature=options.temperature, alpha=options.alpha, loss_fn=p.data.loss_fn)
+                          temperature=options.temperature, alpha=options.alpha, loss_fn=p.data.loss_fn,
+                          parallel=options.parallel or "auto")
         losses += history.loss
         kd += history.kd
     return {"loss": losses, "kd": kd}
@@ -423,6 +426,8 @@ def run_recipe(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, resum
     out = Path(out_dir)
     inputs = [recipe_path] + [f for f in (recipe.model.weights, recipe.data.calibration, recipe.data.evaluation) if f]
     check_output_dir(out, inputs, overwrite=resume)
+    if is_distributed():   # torchrun: every rank runs the stages, rank 0 alone writes `out` and logs
+        out, spec = rank_output_dir(out, resume), spec if world()[0] == 0 else None
     with _seeded(_stage_seed(recipe.seed, 0), recipe.threads):
         model, data = _inputs(recipe)
     digest = _digest(model, data)
