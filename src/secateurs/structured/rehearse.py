@@ -46,7 +46,7 @@ def rehearse(model: nn.Module, example_inputs: Any, keeps: dict[tuple[str, int],
         apply_cut(rehearsal, keeps, heads)
         args, kwargs = _split_inputs(rehearsal, example_inputs)
         if fake:
-            after = _fake_output_shapes(rehearsal, args, kwargs)
+            after = _meta_output_shapes(rehearsal, args, kwargs) or _fake_output_shapes(rehearsal, args, kwargs)
         else:
             with torch.no_grad():
                 after = [tuple(v.shape) for v in _leaves(rehearsal.eval()(*args, **kwargs))
@@ -69,6 +69,28 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
         yield
     finally:
         logger.disabled = disabled
+
+
+def _meta_output_shapes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[int, ...]] | None:
+    """Output shapes of the meta-device `model` run on meta copies of the inputs; None where the
+    meta device cannot run it (data-dependent ops, tensors made on the CPU inside forward).
+
+    Meta kernels compute shapes with a fraction of FakeTensorMode's overhead per op; a
+    failure here is only a reason to try the slower fake run, which then decides.
+    """
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    flat = [v.to("meta") if isinstance(v, torch.Tensor) else v for v in flat]
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(*args, **kwargs)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError, AssertionError):
+        return None
+    finally:
+        model.train(was_training)
+    return [tuple(v.shape) for v in _leaves(output) if isinstance(v, torch.Tensor)]
 
 
 def _fake_output_shapes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:

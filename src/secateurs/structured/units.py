@@ -60,10 +60,19 @@ def group_unit_scores(analysis: Analysis, group: Group, scores: dict[str, torch.
     scored_members = [m for m in group.members if m[0] in scores] or group.members
     for name, dim in scored_members:
         tensor = scores[name] if name in scores else model.get_parameter(name).detach().float().pow(2)
-        others = [d for d in range(tensor.dim()) if d != dim]
-        per_position = (tensor.sum(others) if others else tensor).cpu().numpy()  # no transposed copy
+        per_position = _sum_but(tensor, dim).cpu().numpy()
         total += np.bincount(position[analysis.unit_of[(name, dim)]], weights=per_position, minlength=len(units))
     return total
+
+
+def _sum_but(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """`tensor` summed over every dim but `dim`: the trailing dims first, as one contiguous run,
+    then the leading ones (twice as fast as one strided multi-dim sum, and no transposed copy)."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1)
+    if dim < tensor.dim() - 1:
+        tensor = tensor.reshape(*tensor.shape[:dim + 1], -1).sum(-1)
+    return tensor.reshape(-1, tensor.shape[dim]).sum(0) if dim > 0 else tensor
 
 
 def is_ignored(group: Group, ignore: Sequence[str]) -> bool:
