@@ -121,3 +121,36 @@ def test_recipe_round_to_reaches_the_cut(tmp_path):
     widths = _out_widths(loaded)
     assert widths["a"] % ROUND_TO == 0 and widths["b"] % ROUND_TO == 0 and widths["c"] == 20
     assert widths["a"] < 64 or widths["b"] < 48
+
+
+def test_auto_alignment_follows_device_and_dtype(monkeypatch):
+    from secateurs.structured import options
+
+    assert options.ALIGNMENT[("cuda", "half")] == 8 and options.ALIGNMENT[("cuda", "float32")] == 4
+    model, _ = wide()
+    assert options.resolve_round_to("auto", model) is None                 # CPU fp32: widths stay free
+    assert options.resolve_round_to(4, model) == 4 and options.resolve_round_to(None, model) is None
+    # the rule reads the parameters' device type and dtype (a CPU half model stands in for a GPU one)
+    monkeypatch.setitem(options.ALIGNMENT, ("cpu", "half"), 8)
+    assert options.resolve_round_to("auto", model.half()) == 8
+    assert options.resolve_round_to("auto", model.to(torch.bfloat16)) == 8
+
+
+def test_auto_alignment_cuts_a_half_precision_model_to_multiples_of_8(monkeypatch):
+    from secateurs.structured import options
+
+    monkeypatch.setitem(options.ALIGNMENT, ("cpu", "half"), 8)
+    model, x = wide()
+    model = model.to(torch.bfloat16)
+    prune_structured(model, tuple(t.to(torch.bfloat16) for t in x), target="macs=0.5")
+    widths = _out_widths(model)
+    assert widths["a"] % 8 == 0 and widths["b"] % 8 == 0 and widths["c"] == 20
+
+
+def test_round_to_must_be_a_positive_integer_or_auto():
+    from secateurs.errors import InvalidArgument
+
+    model, x = wide()
+    for bad in (0, -8, 2.5, "eight", True):
+        with pytest.raises(InvalidArgument, match="round_to must be"):
+            prune_structured(model, x, ratio=0.3, round_to=bad)

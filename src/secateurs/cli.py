@@ -49,6 +49,10 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _round_to(text: str) -> int | str:
+    return text if text == "auto" else _positive_int(text)
+
+
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help=f"criterion: {', '.join(sorted(CRITERIA))}")
     p.add_argument("--sparsity", type=_ratio, default=None, help="fraction of selected weights set to zero, in [0, 1)")
@@ -92,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structured", action="store_true", help="remove whole channels / heads instead of masking weights")
     p.add_argument("--ratio", type=_ratio, default=None, help="structured: fraction of each group's channels removed")
     p.add_argument("--target", default=None, help="structured budget: macs=0.5, params=0.3, bytes=0.5 (fractions) or latency_ms=5 (at --threads)")
+    p.add_argument("--round-to", type=_round_to, default="auto", metavar="N|auto",
+                   help="structured: every kept width a multiple of N; auto: 8 for fp16/bf16 on a GPU, 4 for "
+                        "fp32 there, free on the CPU (default auto)")
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224 (else the first calib input)")
     p.add_argument("--out", required=True, help="output directory (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
@@ -309,7 +316,7 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
     if args.structured:
         with console.status(f"removing channels ({args.method})"):
             plan = prune_structured(model, example, args.ratio, target=_at_threads(args.target, args.threads),
-                                    method=args.method, data=data,
+                                    method=args.method, data=data, round_to=args.round_to,
                                     loss_fn=LOSSES[args.loss], ignore=args.ignore, seed=args.seed)
         return _finish_prune(args, console, model, plan, before, measured(model),
                              f"{args.model}, structured {plan.method}: MACs {plan.macs_after / plan.macs_before:.1%} of before")

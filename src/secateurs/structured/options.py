@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+from torch import nn
+
 from ..criteria import get_criterion
 from ..errors import InvalidArgument
 from .budget import Budget, parse_target
@@ -35,8 +38,9 @@ def check_options(*, ratio: Any = None, target: Any = None, scope: str = "local"
     if isinstance(units, str) or not units or any(u not in UNIT_KINDS for u in units):
         bad = units if isinstance(units, str) or not units else next(u for u in units if u not in UNIT_KINDS)
         raise InvalidArgument(f"unknown unit kind {bad!r}; expected some of {UNIT_KINDS}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
+    if round_to is not None and round_to != "auto" and (isinstance(round_to, bool) or not isinstance(round_to, int)
+                                                         or round_to < 1):
+        raise InvalidArgument(f"round_to must be a positive integer, 'auto' or None, got {round_to!r}")
     if max_ratio is not None:
         check_spec("max_ratio", max_ratio, upper_inclusive=True)
     if ratio is not None:
@@ -48,4 +52,23 @@ def check_options(*, ratio: Any = None, target: Any = None, scope: str = "local"
     return parse_target(target) if target is not None else None
 
 
-__all__ = ["SCOPES", "check_options"]
+# The kept-width multiple `round_to="auto"` picks, by device type and dtype: tensor cores take
+# fp16 / bf16 GEMMs and convolutions at full speed only on multiples of 8 (TF32 on multiples of
+# 4). On the CPU (fp32) widths stay free by default: oneDNN pads a remainder of its 8- or
+# 16-channel blocks, but on small models a multiple of 8 forbids most cuts (a 16-channel layer
+# could only halve); pass round_to=8 there for large models (BENCHMARKS.md measures both).
+ALIGNMENT: dict[tuple[str, str], int] = {("cuda", "half"): 8, ("cuda", "float32"): 4}
+
+
+def resolve_round_to(round_to: int | str | None, model: nn.Module) -> int | None:
+    """`round_to` as a number: "auto" becomes the alignment for the model's device and dtype (None: none)."""
+    if round_to != "auto":
+        return round_to
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return None
+    precision = "half" if param.dtype in (torch.float16, torch.bfloat16) else "float32"
+    return ALIGNMENT.get((param.device.type, precision))
+
+
+__all__ = ["ALIGNMENT", "SCOPES", "check_options", "resolve_round_to"]

@@ -14,7 +14,7 @@ from ..measure import total_parameters
 from .apply import cut_model
 from .budget import BUDGETS, budget_record, check_latency, search_ratio
 from .plan import StructuredPlan, remember
-from .options import check_options
+from .options import check_options, resolve_round_to
 from .units import UNIT_KINDS, score_model, select_units
 
 
@@ -29,7 +29,7 @@ def prune_structured(
     units: Sequence[str] = UNIT_KINDS,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
-    round_to: int | None = None,
+    round_to: int | str | None = "auto",
     ignore: Sequence[str] = (),
     max_ratio: float | dict[str, float] | None = None,
     compensate: bool = False,
@@ -59,6 +59,7 @@ def prune_structured(
     if compensate and data is None:
         raise MissingData("compensate=True needs calibration data (data=...) for the mean inputs it folds in")
     criterion = get_criterion(method, seed=seed)
+    round_to = resolve_round_to(round_to, model)
     if budget is not None:
         scope = "global"
     # One trace, one analysis and one scoring serve the ratio search and the cut alike.
