@@ -50,11 +50,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from secateurs.llm import LLMConfig, find_blocks, prune_llm  # noqa: E402
+from secateurs.layers import weight_out_in  # noqa: E402
+from secateurs.llm import LLMConfig, find_block_layout, prune_llm  # noqa: E402
 from secateurs.llm import sparsegpt, wanda  # noqa: E402
 from secateurs.llm.blocks import block_linears  # noqa: E402
 from secateurs.llm.data import calibration_windows, heldout_tokens, kjv_split, kjv_verses, tokenize_file  # noqa: E402
-from secateurs.llm.engine import cache_off, capture_inputs, collect_stats, run_block, weight_rows  # noqa: E402
+from secateurs.llm.engine import cache_off, capture_inputs, collect_stats, run_block  # noqa: E402
 from secateurs.llm.evaluate import sentence_embeddings, strided_perplexity, unigram_perplexity  # noqa: E402
 from secateurs.llm.stats import LayerStats  # noqa: E402
 from secateurs.llm.tiny import RECIPE_FILE, tiny_llama  # noqa: E402
@@ -154,7 +155,7 @@ def pruned_copy(dense: nn.Module, batches: list[dict], **config: Any) -> tuple[n
 
 
 def plan_summary(model: nn.Module, plan: Any) -> dict[str, Any]:
-    summary = {"achieved_sparsity": round(linear_sparsity(model, find_blocks(model).blocks_path), 4),
+    summary = {"achieved_sparsity": round(linear_sparsity(model, find_block_layout(model).blocks_path), 4),
                "prune_seconds": round(plan.seconds, 2)}
     if plan.config.measure_error:
         summary["layer_error_sum"] = float(f"{sum(layer.error for layer in plan.layers):.4g}")
@@ -173,7 +174,7 @@ def each_pruning(setup: Setup, high: bool = False) -> Iterator[tuple[str, str, d
 
 def norm_spread(model: nn.Module, batches: list[dict]) -> dict[str, float]:
     """Per kind of linear: std / mean of the input norms ||X_j|| over features, averaged over blocks."""
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     spread: dict[str, list[float]] = {}
     with cache_off(model):
         inputs = capture_inputs(model, layout, batches)
@@ -338,11 +339,11 @@ def interleaved_medians(jobs: dict[str, Callable[[], Any]], rounds: int) -> dict
 
 def first_block_layers(model: nn.Module, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One linear of each weight shape in the first block: name -> (weight [out, in], its inputs [tokens, in])."""
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     linears = block_linears(layout.blocks[0], f"{layout.blocks_path}.0.")
     by_shape: dict[tuple[int, ...], str] = {}
     for name, module in linears.items():
-        by_shape.setdefault(tuple(weight_rows(module).shape), name)
+        by_shape.setdefault(tuple(weight_out_in(module).shape), name)
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in by_shape.values()}
     hooks = [linears[name].register_forward_hook(
         lambda module, args, output, name=name: seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
@@ -353,7 +354,7 @@ def first_block_layers(model: nn.Module, batches: list[dict]) -> dict[str, tuple
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: (weight_rows(linears[name]).detach().float().clone(), torch.cat(xs)) for name, xs in seen.items()}
+    return {name: (weight_out_in(linears[name]).detach().float().clone(), torch.cat(xs)) for name, xs in seen.items()}
 
 
 def layer_timing(name: str, weight: torch.Tensor, inputs: torch.Tensor, rounds: int) -> dict[str, Any]:

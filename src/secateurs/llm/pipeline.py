@@ -39,8 +39,9 @@ from ..criteria import get_criterion
 from ..errors import FileProblem, InvalidArgument, MissingData
 from ..io import check_output_dir, staged_output
 from ..structured import UNIT_KINDS, parse_target
-from .blocks import find_blocks
+from .blocks import find_block_layout
 from .engine import LLMConfig, make_config
+from .sequential import prune_llm
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -350,8 +351,6 @@ class Pruned:
 
 def _prune_unstructured(model: nn.Module, windows: list[dict[str, torch.Tensor]],
                         options: CheckpointOptions) -> Pruned:
-    from .engine import prune_llm
-
     plan = prune_llm(model, windows, llm_config(options))
     return Pruned(_llm_record(plan), [layer.name for layer in plan.layers])
 
@@ -363,7 +362,7 @@ def _llm_record(plan: Any) -> dict[str, Any]:
 
 
 def _block_names(model: nn.Module) -> tuple[str, list[str]]:
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     return layout.blocks_path, [f"{layout.blocks_path}.{i}" for i in range(len(layout.blocks))]
 
 
