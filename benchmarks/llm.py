@@ -275,7 +275,7 @@ def minilm_study(setup: Setup, dense: nn.Module, tokenizer: Any, train_path: Any
 
 # ---------------------------------------------------------------------------- tiny LLaMA
 
-def llama_section(setup: Setup, split: Any) -> tuple[dict[str, Any], nn.Module, list[dict]]:
+def llama_section(setup: Setup, split: Any, tables: bool = True) -> tuple[dict[str, Any], nn.Module, list[dict]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tiny_llama()
@@ -292,7 +292,7 @@ def llama_section(setup: Setup, split: Any) -> tuple[dict[str, Any], nn.Module, 
     log("tiny llama: dense perplexity")
     unigram = unigram_perplexity(tokenize_file(tokenizer, split.train), tokens, len(tokenizer))
     results: dict[str, Any] = {"unigram": round(unigram, 1), "dense": ppl(dense)}
-    for label, variant, config in each_pruning(setup, high=setup.llama_high):
+    for label, variant, config in each_pruning(setup, high=setup.llama_high) if tables else ():
         log(f"tiny llama: {variant} {label}")
         model, plan = pruned_copy(dense, batches, measure_error=setup.measure_error, **config)
         results.setdefault(label, {})[variant] = {"perplexity": ppl(model), **plan_summary(model, plan)}
@@ -303,7 +303,7 @@ def llama_section(setup: Setup, split: Any) -> tuple[dict[str, Any], nn.Module, 
                           f"window {window}, stride {window // 2}",
                "calibration": f"{setup.llama_windows} windows x {setup.llama_length} tokens, KJV train books",
                "input_norm_cv": norm_spread(dense, batches),
-               "perplexity": results}
+               "perplexity": results, "perplexity_of": ppl}
     return section, dense, batches
 
 
@@ -416,6 +416,32 @@ def model_timing(dense: nn.Module, batches: list[dict], rounds: int) -> dict[str
             "sparsegpt_over_wanda_layers": round(layers["sparsegpt"] / layers["wanda"], 1)}
 
 
+def sequential_section(dense: nn.Module, batches: list[dict], quality: Callable[[nn.Module], float],
+                       rounds: int) -> dict[str, Any]:
+    """Side by side, 50%: the default (one statistics pass per block, as the papers' code) against
+    true-sequential, for Wanda and SparseGPT; and magnitude without any calibration pass against
+    the old default (a pass per block to measure the error). Whole prune_llm time (deep copy
+    included, the same for all), interleaved medians; quality of the last copy of each."""
+    runs = {f"{method}, {'true-sequential' if sequential else 'default'}":
+            dict(method=method, true_sequential=sequential)
+            for method in ("wanda", "sparsegpt") for sequential in (False, True)}
+    runs["magnitude, no calibration (default)"] = dict(method="magnitude")
+    runs["magnitude, with error measurement (a pass per block, the old default)"] = dict(
+        method="magnitude", measure_error=True)
+    models: dict[str, nn.Module] = {}
+
+    def prune(label: str) -> None:
+        config = runs[label]
+        data = None if config == {"method": "magnitude"} else batches
+        models[label] = pruned_copy(dense, data, sparsity=0.5, **config)[0]
+    seconds = interleaved_medians({label: lambda label=label: prune(label) for label in runs}, rounds)
+    rows = {label: {"seconds": round(seconds[label], 2), "quality": quality(models[label])} for label in runs}
+    for method in ("wanda", "sparsegpt"):
+        default, sequential = rows[f"{method}, default"], rows[f"{method}, true-sequential"]
+        rows[f"{method}: true-sequential / default time"] = round(sequential["seconds"] / default["seconds"], 2)
+    return {"rounds": rounds, "calibration_batches": len(batches), "rows": rows}
+
+
 def timing_section(dense: nn.Module, batches: list[dict], setup: Setup, whole: bool = True) -> dict[str, Any]:
     section: dict[str, Any] = {"layers": shape_timing(dense, batches, setup.timing_rounds)}
     if setup.model_timing and whole:
@@ -430,9 +456,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small calibration and evaluation sets (smoke run)")
     parser.add_argument("--study", action="store_true", help="also run the study of what limits Wanda (slow)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip", choices=("minilm", "llama", "timing", "big", "prune_llm"), action="append",
-                        default=[], help="leave a part out (big: the LLaMA-7B layer shapes; prune_llm: the "
-                                         "whole-model timing); repeatable")
+    parser.add_argument("--sequential", type=int, default=0, metavar="ROUNDS",
+                        help="also the side by side of the default and true-sequential (and magnitude without "
+                             "calibration), in ROUNDS interleaved rounds")
+    parser.add_argument("--skip", choices=("minilm", "llama", "timing", "big", "prune_llm", "quality"),
+                        action="append", default=[], help="leave a part out (big: the LLaMA-7B layer shapes; "
+                        "prune_llm: the whole-model timing; quality: the tables of methods); repeatable")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -443,13 +472,22 @@ def main(argv: list[str] | None = None) -> None:
     if "minilm" not in args.skip:
         dense, tokenizer = load_minilm()
         batches = calibration_windows(tokenizer, split.train, n=setup.minilm_windows, length=setup.minilm_length)
-        report["minilm"] = minilm_section(setup, dense, tokenizer, batches)
+        if "quality" not in args.skip:
+            report["minilm"] = minilm_section(setup, dense, tokenizer, batches)
+        if args.sequential:
+            texts = evaluation_sentences(setup.sentences)["kjv_heldout"]
+            reference = sentence_embeddings(dense, tokenizer, texts)
+            report["sequential_minilm"] = sequential_section(
+                dense, batches, lambda model: mean_cosine(reference, model, tokenizer, texts), args.sequential)
         if "timing" not in args.skip:
             report["time_minilm"] = timing_section(dense, batches, setup, "prune_llm" not in args.skip)
         if args.study:
             report["minilm_study"] = minilm_study(setup, dense, tokenizer, split.train)
     if "llama" not in args.skip:
-        report["tiny_llama"], dense, batches = llama_section(setup, split)
+        report["tiny_llama"], dense, batches = llama_section(setup, split, "quality" not in args.skip)
+        perplexity = report["tiny_llama"].pop("perplexity_of")
+        if args.sequential:
+            report["sequential_tiny_llama"] = sequential_section(dense, batches, perplexity, args.sequential)
         if "timing" not in args.skip:
             report["time_tiny_llama"] = timing_section(dense, batches, setup, "prune_llm" not in args.skip)
         if args.study:

@@ -113,6 +113,7 @@ class LLMPlan:
     layers: list[LayerReport]
     seconds: float
     block_sparsity: list[float] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block: load, prune, run, unload
 
 
 @dataclass
@@ -502,15 +503,17 @@ Visit = Callable[[int, nn.Module, "BlockInputs | None"], None]
 
 
 def walk_blocks(layout: BlockLayout, inputs: BlockInputs | None, visit: Visit, device: str | None = None,
-                load: Callable[[int], None] | None = None, unload: Callable[[int], None] | None = None) -> None:
+                load: Callable[[int], None] | None = None, unload: Callable[[int], None] | None = None) -> list[float]:
     """For each block in turn: load(i), onload it to `device`, visit(i, block, inputs), run it for the
     next block's inputs (when there are inputs), offload it, unload(i).
 
     On the device there is one block at a time, with its inputs (or, when `inputs` live on
-    the CPU, one batch of them at a time).
+    the CPU, one batch of them at a time). Returns the seconds each block took.
     """
     last = len(layout.blocks) - 1
+    seconds = []
     for i, block in enumerate(layout.blocks):
+        start = time.perf_counter()
         if load is not None:
             load(i)
         with onloaded(block, device):
@@ -519,6 +522,17 @@ def walk_blocks(layout: BlockLayout, inputs: BlockInputs | None, visit: Visit, d
                 inputs = run_block(block, inputs)
         if unload is not None:
             unload(i)
+        _synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _synchronize(device: str | None) -> None:
+    """Wait for the device's queued work, so a block's time is its own (CPU work is synchronous)."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize()
 
 
 def place_inputs(inputs: BlockInputs, config: LLMConfig) -> BlockInputs:

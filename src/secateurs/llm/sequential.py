@@ -82,9 +82,9 @@ def prune_llm(model: nn.Module, batches: Iterable[Any] | None, config: LLMConfig
 
     with cache_off(model):
         inputs = place_inputs(capture_inputs(model, layout, batches), config) if needs_inputs(config) else None
-        walk_blocks(layout, inputs, prune, config.device)
+        seconds = walk_blocks(layout, inputs, prune, config.device)
     block_sparsity = ratios if config.pattern is None else [config.target] * len(ratios)
-    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity)
+    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity, seconds)
 
 
 __all__ = ["prune_llm", "block_ratios"]

@@ -403,7 +403,7 @@ def _check_folders(src: str | Path, out: str | Path) -> tuple[Path, Path]:
 
 def _stream_blocks(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,
                    inputs: BlockInputs | None, dtype: torch.dtype | None, device: str | None,
-                   visit: Callable[[int, nn.Module, BlockInputs | None], None]) -> None:
+                   visit: Callable[[int, nn.Module, BlockInputs | None], None]) -> list[float]:
     """Read each block in turn from the shards, onload it to `device`, call visit(i, block, inputs),
     run it for the next inputs (if any), drop it."""
     def load(i: int) -> None:
@@ -415,7 +415,7 @@ def _stream_blocks(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, bl
         _drop(model, layout.blocks[i])
         _release_freed_memory()
 
-    walk_blocks(blocks, inputs, visit, device, load=load, unload=unload)
+    return walk_blocks(blocks, inputs, visit, device, load=load, unload=unload)
 
 
 def _release_freed_memory() -> None:
@@ -473,13 +473,13 @@ def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], c
                 state = dict(block.state_dict(prefix=f"{blocks.blocks_path}.{i}.", keep_vars=True))
                 writer.write({stored: state[name] for name, stored in layout.blocks[i].items()})
 
-            _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype, config.device, prune_and_write)
+            seconds = _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype, config.device, prune_and_write)
             for group in passthrough:
                 _write_unpruned(writer, checkpoint, group, dtype)
             writer.write_index()
             _copy_companions(source, stage, dtype)
     block_sparsity = ratios if config.pattern is None else [config.target] * len(ratios)
-    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity)
+    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity, seconds)
 
 
 def _write_unpruned(writer: _ShardWriter, checkpoint: Checkpoint, names: list[str], dtype: torch.dtype | None) -> None:
