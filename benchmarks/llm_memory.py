@@ -84,7 +84,7 @@ LLAMA_2B = Shapes()
 HIDDEN, VOCAB = LLAMA_2B.hidden, LLAMA_2B.vocab
 
 
-def _tensor(shape: tuple[int, ...], name: str, generator, dtype) -> "torch.Tensor":
+def _tensor(shape: tuple[int, ...], name: str, generator, dtype):
     import torch
 
     if name.endswith("norm.weight"):
@@ -92,7 +92,7 @@ def _tensor(shape: tuple[int, ...], name: str, generator, dtype) -> "torch.Tenso
     return (torch.randn(shape, generator=generator) * STD).to(dtype)
 
 
-def write_checkpoint(folder: Path, layers: int, shapes: Shapes = LLAMA_2B, dtype: "torch.dtype | None" = None) -> int:
+def write_checkpoint(folder: Path, layers: int, shapes: Shapes = LLAMA_2B, dtype=None) -> int:
     """Write the random checkpoint shard by shard (one per layer, fp32 unless `dtype`); return its weight bytes."""
     import torch
     import transformers

@@ -14,11 +14,13 @@ from secateurs.errors import InvalidArgument, MissingData
 from secateurs.llm import engine, prune_llm
 from secateurs.llm.stats import LayerStats
 from secateurs.llm.stream import prune_pretrained
-from tests.test_cli_hf import CALIB, run, zoo  # noqa: F401  (zoo: the folders, a fixture)
+import tests.test_cli_hf as cli_hf
 from tests.test_llm_engine import dict_batches, llama, token_batches
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
+zoo = cli_hf.zoo  # the module-scoped fixture of tests/test_cli_hf.py: random-init HF folders and texts
+CALIB, run = cli_hf.CALIB, cli_hf.run
 
 
 @contextlib.contextmanager

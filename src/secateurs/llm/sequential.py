@@ -37,9 +37,8 @@ from .engine import (
 from .owl import owl_sparsities
 
 
-def _check_model(model: nn.Module, layout: BlockLayout) -> None:
-    if not isinstance(model, nn.Module):
-        raise InvalidArgument(f"model must be a torch nn.Module, got {type(model).__name__}")
+def _check_weights(layout: BlockLayout) -> None:
+    """Raise when a block's weights are not loaded (an empty skeleton on the meta device)."""
     empty = next((n for n, p in layout.blocks.named_parameters() if p.device.type == "meta"), None)
     if empty is not None:
         raise InvalidArgument(f"parameter {layout.blocks_path}.{empty} is on the meta device (an empty skeleton): "
@@ -72,7 +71,7 @@ def prune_llm(model: nn.Module, batches: Iterable[Any] | None, config: LLMConfig
                           f"got none")
     start = time.perf_counter()
     layout = find_block_layout(model)
-    _check_model(model, layout)
+    _check_weights(layout)
     ratios = block_ratios(model, layout, batches, config)
     reports: list[LayerReport] = []
 
