@@ -9,7 +9,7 @@
    `--windows` x `--seqlen` random token ids (default 128 x 2048, the papers' calibration):
    the model is never in memory; each block is read from the shards, onloaded to the GPU
    with the calibration activations, pruned, run for the next block's inputs and written.
-   Runs: magnitude (no calibration pass), Wanda and SparseGPT at 50%.
+   Runs: Wanda, SparseGPT and magnitude (no calibration pass) at 50%.
 3. Records per run: seconds per block (median, min, max; from `plan.block_seconds`), the
    summed per-layer pruning step (the papers' "pruning metric" time: Wanda paper, LLaMA-7B,
    SparseGPT 203 s, Wanda 0.5 s), the whole call, peak GPU memory
@@ -21,7 +21,7 @@
     python benchmarks/llm_gpu.py                    # on the GPU machine; about 5 minutes on an H200
     python benchmarks/llm_gpu.py --tiny             # dry run on the CPU with tiny shapes (seconds)
         [--layers 32] [--sparsegpt-layers 4] [--windows 128] [--seqlen 2048] [--offload-inputs]
-        [--methods magnitude wanda sparsegpt] [--deadline 420]
+        [--methods wanda sparsegpt magnitude] [--deadline 420]
 
 `--deadline` seconds after the start, runs not yet begun are skipped (recorded as such),
 so the script ends within the device's time limit. Prints one JSON object on stdout;
@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--offload-inputs", action="store_true")
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    # Wanda first: the run that matters most if the deadline cuts the rest
+    parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "magnitude"])
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds; later runs are skipped")
     args = parser.parse_args()
     start = time.perf_counter()
