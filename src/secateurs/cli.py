@@ -150,13 +150,22 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
     hf.add_argument("--eval", default=None, metavar="FILE", help="held-out text: perplexity (causal LM) or "
                     "embedding cosine to the dense model (encoder), before and after")
     hf.add_argument("--stream", action="store_true", help="stream weights from the safetensors shards, one block at a time")
+    hf.add_argument("--device", default=None, metavar="DEV", help="prune each block on this device (cuda, cuda:1, "
+                    "cpu), one block at a time; the model stays on the CPU")
+    hf.add_argument("--offload-inputs", action="store_true", help="with --device: keep the calibration activations "
+                    "on the CPU and move one window at a time")
+    hf.add_argument("--true-sequential", action="store_true", help="re-collect statistics after each group of "
+                    "linears of a block (q/k/v, o, up/gate, down): slower, as the papers' option")
+    hf.add_argument("--measure-error", action="store_true", help="report each linear's reconstruction error "
+                    "||WX - W'X||^2 (one more pass per block)")
     hf.add_argument("--units", nargs="+", choices=UNIT_KINDS, default=None, help="structured: what to remove")
     hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
     hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
 
 
 # argparse dests of the options that belong to one source only
-_HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers")
+_HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers", "device",
+            "offload_inputs", "true_sequential", "measure_error")
 _MODEL_ONLY = ("weights", "trust_pickle", "input_shape", "types", "include", "prune_last", "skip_incompatible",
                "max_batches")
 
@@ -344,8 +353,6 @@ def _finish_prune(args, console, model, plan, before, after, title: str) -> int:
 def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
     """`prune --hf`: the whole run is `llm.pipeline.prune_checkpoint`; this prints its metrics."""
     _refuse_given(args, _MODEL_ONLY, "--hf (it is for --model)")
-    if args.calib is None:
-        raise InvalidArgument("--hf needs --calib FILE: plain text or JSONL, tokenized into calibration windows")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing may download
     import transformers
 
@@ -359,7 +366,8 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
              "calib_windows": args.calib_windows, "seqlen": args.seqlen, "owl": args.owl, "eval_file": args.eval,
              "stream": args.stream, "structured": args.structured, "ratio": args.ratio, "target": args.target,
              "units": args.units, "compensate": args.compensate, "drop_layers": args.drop_layers,
-             "ignore": args.ignore, "overwrite": args.overwrite}
+             "device": args.device, "offload_inputs": args.offload_inputs, "true_sequential": args.true_sequential,
+             "measure_error": args.measure_error, "ignore": args.ignore, "overwrite": args.overwrite}
     with console.status("pruning") as status:
         metrics = prune_checkpoint(args.hf, args.out, args.calib, on_stage=status.update,
                                    **{k: v for k, v in given.items() if v is not None})
