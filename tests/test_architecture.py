@@ -107,3 +107,14 @@ def test_one_meaning_per_name():
                 seen.setdefault(name, []).append(_module_name(path))
     clashes = {name: sorted(where) for name, where in seen.items() if len(where) > 1}
     assert clashes == {}, clashes
+
+
+# Tables of rules and reference networks may be long; every other module reads top to bottom.
+LONG_ALLOWED = {"secateurs.graph.rules", "secateurs.surgery", "secateurs.examples.zoo"}
+MAX_LINES = 650
+
+
+def test_modules_fit_in_a_sitting():
+    long = {_module_name(p): n for p in ROOT.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES and _module_name(p) not in LONG_ALLOWED}
+    assert long == {}, long

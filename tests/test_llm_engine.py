@@ -180,7 +180,7 @@ def test_sparsegpt_prunes_dead_inputs_and_stays_finite():
     x[:, 3] = 0  # an input feature that never fires
     stats = LayerStats(16, with_hessian=True)
     stats.add(x)
-    weight, _ = sparsegpt.prune(torch.randn(8, 16), stats, LLMConfig(method="sparsegpt"), "dead")
+    weight, _ = sparsegpt.prune_sparsegpt(torch.randn(8, 16), stats, LLMConfig(method="sparsegpt"), "dead")
     assert torch.isfinite(weight).all() and (weight[:, 3] == 0).all()
     assert ((weight == 0).sum(1) == 8).all()
 
@@ -329,11 +329,11 @@ def test_capture_works_with_the_blocks_on_the_meta_device():
 def test_sparsegpt_raises_the_damping_when_cholesky_fails():
     stats = LayerStats(4, with_hessian=True, tokens=10)
     stats.hessian = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.02]))  # not positive definite at 1% damping
-    weight, note = sparsegpt.prune(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
+    weight, note = sparsegpt.prune_sparsegpt(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
     assert note == "damping raised to 0.1" and torch.isfinite(weight).all()
     stats.hessian[3, 3] = -100.0
     with pytest.raises(IncompatibleLayer, match="not positive definite"):
-        sparsegpt.prune(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
+        sparsegpt.prune_sparsegpt(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
 
 
 def test_a_one_layer_llama_is_pruned():

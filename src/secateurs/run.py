@@ -21,25 +21,24 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
 
 from .api import prune
 from .batches import LOSSES
-from .errors import FileProblem, InvalidArgument
 from .checkpoint import save
-from .io import build_model, check_output_dir, load_into, load_state, staged_output
+from .errors import FileProblem, InvalidArgument
 from .io import _encode as encode_state
+from .io import build_model, check_output_dir, load_into, load_state, staged_output
 from .measure import measure
+from .provenance import versions
 from .quantize import measure_int8, quantize_int8, quantized_layers, save_int8
 from .recipe import Recipe, load_recipe
 from .recover.distributed import is_distributed, rank_output_dir, world
@@ -165,13 +164,6 @@ def config_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.to_config(), sort_keys=True).encode()).hexdigest()
 
 
-def versions() -> dict[str, str]:
-    from . import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "secateurs": __version__, "platform": platform.platform()}
-
-
 # ------------------------------------------------------------------------ stages
 
 def _prune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
@@ -214,7 +206,12 @@ def _prune_channels(p: Pipeline, options: Any, batches: list[Any],
                                  scope=options.scope or "local", units=options.units, data=batches,
                                  loss_fn=p.data.loss_fn, round_to=options.round_to, max_ratio=options.max_ratio,
                                  ignore=options.ignore, seed=seed)], None
-    from .sensitivity import data_digest, mean_loss_metric, prune_by_sensitivity_rounds, sensitivity
+    from .sensitivity import (
+        data_digest,
+        mean_loss_metric,
+        prune_by_sensitivity_rounds,
+        sensitivity,
+    )
 
     measured = []
 

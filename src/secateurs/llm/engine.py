@@ -32,6 +32,7 @@ from torch import nn
 from ..batches import eval_mode, to_device
 from ..errors import IncompatibleLayer, InvalidArgument, MissingData
 from ..layers import is_linear_like, weight_out_in
+from ..plans import PlanRecord
 from ..sparsity import parse_pattern
 from .blocks import BlockLayout, block_linears
 from .stats import LayerStats
@@ -106,7 +107,7 @@ class LayerReport:
 
 
 @dataclass
-class LLMPlan:
+class LLMPlan(PlanRecord):
     """What prune_llm did: the config, one report per pruned linear, the block ratios, the time."""
 
     config: LLMConfig
@@ -114,6 +115,11 @@ class LLMPlan:
     seconds: float
     block_sparsity: list[float] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)  # wall time of each block: load, prune, run, unload
+
+    def summary(self) -> dict[str, str]:
+        mean = sum(r.sparsity for r in self.layers) / len(self.layers) if self.layers else 0.0
+        return {"method": self.config.method, "layers pruned": str(len(self.layers)),
+                "mean sparsity": f"{mean:.1%}", "seconds": f"{self.seconds:.1f}"}
 
 
 @dataclass

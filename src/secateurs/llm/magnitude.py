@@ -13,7 +13,7 @@ from .stats import LayerStats
 
 
 @register_method("magnitude", statistic=None)
-def prune(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
+def prune_magnitude(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
           name: str) -> tuple[torch.Tensor, str]:
     """Return `weight` ([out, in]) with its smallest magnitudes zeroed, and an empty note."""
     keep = keep_mask(magnitude_scores(weight), config.sparsity, config.nm, config.compare, name)

@@ -36,11 +36,12 @@ from ..api import resolve_sparsity
 from ..criteria import get_criterion
 from ..errors import FileProblem, InvalidArgument, MissingData
 from ..io import check_output_dir, staged_output
+from ..provenance import versions
 from ..structured import UNIT_KINDS
 from ..structured.options import check_options
 from .blocks import find_block_layout
 from .engine import LLMConfig, make_config, needs_inputs
-from .records import config_summary, config_summary_of, report_markdown, versions, write_records
+from .records import config_summary, config_summary_of, report_markdown, write_records
 from .sequential import prune_llm
 
 DEFAULT_STRUCTURED_METHOD = "l2"
@@ -600,7 +601,7 @@ def _metrics(source: Path, target: Path, calib: str | Path | None, options: Chec
         "eval": dataclasses.asdict(quality) if quality is not None else None,
         "seconds": clock.total(),
         "threads": torch.get_num_threads(),
-        "versions": versions(),
+        "versions": versions("transformers", "tokenizers", "safetensors"),
     }
 
 

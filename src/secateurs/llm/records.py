@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 METRICS_FILE = "metrics.json"
@@ -26,19 +24,6 @@ def config_summary(model: nn.Module) -> dict[str, Any]:
 
     fitted = fit_config(model) if hasattr(model, "save_pretrained") else None
     return config_summary_of(fitted if fitted is not None else model.config)
-
-
-def versions() -> dict[str, str]:
-    """The versions of secateurs and of the libraries a run depends on."""
-    import safetensors
-    import tokenizers
-    import transformers
-
-    from .. import __version__
-
-    return {"secateurs": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
-            "python": platform.python_version()}
 
 
 def write_records(stage: Path, metrics: dict[str, Any]) -> None:
@@ -121,5 +106,5 @@ def _loader(metrics: dict[str, Any]) -> str:
     return "plain transformers: `AutoModel...from_pretrained(out)`"
 
 
-__all__ = ["METRICS_FILE", "REPORT_FILE", "config_summary", "config_summary_of", "report_markdown", "versions",
+__all__ = ["METRICS_FILE", "REPORT_FILE", "config_summary", "config_summary_of", "report_markdown",
            "write_records"]

@@ -56,7 +56,7 @@ def _block_mask(block: torch.Tensor, scale: torch.Tensor, start: int, sparsity: 
 
 
 @register_method("sparsegpt", statistic="hessian")
-def prune(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
+def prune_sparsegpt(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
           name: str) -> tuple[torch.Tensor, str]:
     """Return `weight` ([out, in]) pruned by SparseGPT with its remaining weights updated, and a note."""
     if stats is None or stats.hessian is None:

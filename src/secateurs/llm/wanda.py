@@ -21,7 +21,7 @@ def scores(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
 
 
 @register_method("wanda", statistic="norms")
-def prune(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
+def prune_wanda(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
           name: str) -> tuple[torch.Tensor, str]:
     """Return `weight` ([out, in]) with its lowest Wanda scores zeroed, and an empty note."""
     if stats is None or stats.sumsq is None:

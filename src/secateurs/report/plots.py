@@ -76,7 +76,7 @@ def layer_sparsity(run: RunRecord) -> str:
     return _svg(fig)
 
 
-def sensitivity(run: RunRecord) -> str:
+def sensitivity_plot(run: RunRecord) -> str:
     """The metric against the pruning ratio, one curve per layer or group."""
     return _svg(sensitivity_figure(run.sensitivity, f"{run.name}: sensitivity (no recovery)"))
 

@@ -69,7 +69,7 @@ def _figures(runs: list[RunRecord]) -> list[tuple[str, str, str]]:
         if run.final_layers:
             figures.append((f"run{i}_sparsity", f"{run.name}: sparsity per layer", plots.layer_sparsity(run)))
         if run.sensitivity:
-            figures.append((f"run{i}_sensitivity", f"{run.name}: sensitivity curves", plots.sensitivity(run)))
+            figures.append((f"run{i}_sensitivity", f"{run.name}: sensitivity curves", plots.sensitivity_plot(run)))
     return figures
 
 
