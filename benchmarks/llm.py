@@ -366,9 +366,9 @@ def layer_timing(name: str, weight: torch.Tensor, inputs: torch.Tensor, rounds: 
     seconds = interleaved_medians({
         "wanda_stats": lambda: LayerStats(columns).add(inputs),
         "wanda_score": lambda: wanda.scores(weight, stats),
-        "wanda_prune": lambda: wanda.prune(weight, stats, wanda_config, name),
+        "wanda_prune": lambda: wanda.prune_wanda(weight, stats, wanda_config, name),
         "sparsegpt_stats": lambda: LayerStats(columns, with_hessian=True).add(inputs),
-        "sparsegpt_prune": lambda: sparsegpt.prune(weight, stats, sparsegpt_config, name),
+        "sparsegpt_prune": lambda: sparsegpt.prune_sparsegpt(weight, stats, sparsegpt_config, name),
     }, rounds)
     ratio = lambda a, b: round(a / b, 1)  # noqa: E731
     return {"layer": name, "shape": list(weight.shape), "tokens": inputs.shape[0],

@@ -154,3 +154,15 @@ def test_round_to_must_be_a_positive_integer_or_auto():
     for bad in (0, -8, 2.5, "eight", True):
         with pytest.raises(InvalidArgument, match="round_to must be"):
             prune_structured(model, x, ratio=0.3, round_to=bad)
+
+
+def test_a_target_with_local_scope_cuts_every_group_by_one_ratio():
+    model, x = wide()
+    plan = prune_structured(model, x, target="macs=0.5", scope="local", round_to=None)
+    removed = {g.index: len(g.removed) for g in plan.groups}
+    assert removed == {g.index: int(plan.ratio * g.units) for g in plan.groups}   # one ratio everywhere
+    assert all(removed.values())
+    assert plan.macs_after <= 0.5 * plan.macs_before
+    global_model, _ = wide()
+    global_plan = prune_structured(global_model, x, target="macs=0.5", round_to=None)
+    assert global_plan.macs_after <= 0.5 * global_plan.macs_before

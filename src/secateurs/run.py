@@ -203,7 +203,7 @@ def _prune_channels(p: Pipeline, options: Any, batches: list[Any],
     method = options.method or "l2"
     if options.allocation is None:
         return [prune_structured(p.model, p.data.example, options.ratio, target=options.target, method=method,
-                                 scope=options.scope or "local", units=options.units, data=batches,
+                                 scope=options.scope, units=options.units, data=batches,
                                  loss_fn=p.data.loss_fn, round_to=options.round_to, max_ratio=options.max_ratio,
                                  ignore=options.ignore, seed=seed)], None
     from .sensitivity import (

@@ -135,8 +135,9 @@ def trial_cost(model: nn.Module, example_inputs: Any, scored: Scored, key: str,
 
 
 def search_ratio(model: nn.Module, example_inputs: Any, scored: Scored, target: Budget, cost: Cost,
-                  round_to: int | None, max_ratio: float | dict[str, float] | None) -> float:
-    """The smallest global ratio (to SEARCH_STEPS bisections) whose cost meets `target`.
+                 round_to: int | None, max_ratio: float | dict[str, float] | None, scope: str = "global") -> float:
+    """The smallest ratio (to SEARCH_STEPS bisections) whose cost meets `target`: a global ratio,
+    or with scope "local" the one ratio every group loses.
 
     The cost of each trial ratio is computed from the kept widths on the dense graph, so
     the search cuts nothing and costs a fraction of one prune; graphs holding an opaque
@@ -153,9 +154,11 @@ def search_ratio(model: nn.Module, example_inputs: Any, scored: Scored, target: 
     by_index = {g.index: g for g in scored.groups}
 
     def trial(ratio: float) -> float:
-        # as select_units(scored, ratio, "global", ...) chooses
-        chosen = aligned(first_units(*order, int(ratio * total)), scored.groups, quanta)
-        protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
+        if scope == "local":
+            chosen = select_units(scored, ratio, "local", round_to, max_ratio)
+        else:   # as select_units(scored, ratio, "global", ...) chooses
+            chosen = aligned(first_units(*order, int(ratio * total)), scored.groups, quanta)
+            protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
         if opaque:
             return trial_cost(model, example_inputs, scored, target.key, chosen)
         return cost.of(chosen_shapes(scored, chosen))
@@ -182,8 +185,8 @@ LATENCY_CHECKS = 3
 
 
 def check_latency(model: nn.Module, example_inputs: Any, scored: Scored, budget: Budget, cost: Cost,
-                   ratio: float, round_to: int | None,
-                   max_ratio: float | dict[str, float] | None) -> tuple[float, list[dict[str, float]]]:
+                  ratio: float, round_to: int | None, max_ratio: float | dict[str, float] | None,
+                  scope: str = "global") -> tuple[float, list[dict[str, float]]]:
     """The searched ratio, cut further until a cut copy measures within the budget; and each check.
 
     The table predicts the sum of ops timed alone; the model as a whole can run a few
@@ -194,7 +197,7 @@ def check_latency(model: nn.Module, example_inputs: Any, scored: Scored, budget:
     checks = []
     limit = budget.value
     for _ in range(LATENCY_CHECKS):
-        chosen = select_units(scored, ratio, "global", round_to, max_ratio)
+        chosen = select_units(scored, ratio, scope, round_to, max_ratio)
         trial = copy.deepcopy(model)
         cut_model(trial, example_inputs, scored, chosen, "check", ratio, check=False)
         predicted = cost.of(chosen_shapes(scored, chosen))
@@ -205,7 +208,7 @@ def check_latency(model: nn.Module, example_inputs: Any, scored: Scored, budget:
         limit *= predicted / measured
         try:
             ratio = search_ratio(model, example_inputs, scored, Budget(budget.key, limit, budget.threads), cost,
-                                  round_to, max_ratio)
+                                 round_to, max_ratio, scope)
         except InvalidArgument:
             break   # even the largest cut misses the corrected budget: keep the last one
     return ratio, checks

@@ -25,7 +25,7 @@ def prune_structured(
     *,
     target: str | None = None,
     method: str | Criterion = "l2",
-    scope: str = "local",
+    scope: str | None = None,
     units: Sequence[str] = UNIT_KINDS,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
@@ -37,9 +37,12 @@ def prune_structured(
 ) -> StructuredPlan:
     """Remove the least important channels / heads of `model` in place; returns the plan.
 
-    `ratio` is the fraction of units removed from each prunable group (scope "local")
-    or in total, ranked after dividing by each group's mean score (scope "global", at
-    most 90% of any group). `target="macs=0.5"` or `"params=0.3"` instead searches the
+    `ratio` is the fraction of units removed from each prunable group (scope "local", the
+    default for a ratio) or in total, ranked after dividing by each group's mean score
+    (scope "global", at most 90% of any group). A `target` searches that global ratio
+    (scope "global", its default) or, with scope "local", one ratio for every group: the
+    uniform widths of Torch-Pruning's cut, which can run faster per MAC than a global
+    ranking's uneven ones (benchmarks/speed.py measures both). `target="macs=0.5"` or `"params=0.3"` instead searches the
     global ratio that brings that cost to the given fraction of today's; the search
     costs each trial ratio from the traced graph, so it takes about as long as one prune.
 
@@ -54,22 +57,22 @@ def prune_structured(
     where there was none): a cheap, training-free repair that matters most for
     transformers pruned without recovery. Conv layers are not compensated.
     """
+    scope = scope or ("global" if target is not None else "local")
     budget = check_options(ratio=ratio, target=target, scope=scope, units=units, round_to=round_to,
                            max_ratio=max_ratio, method=method)
     if compensate and data is None:
         raise MissingData("compensate=True needs calibration data (data=...) for the mean inputs it folds in")
     criterion = get_criterion(method, seed=seed)
     round_to = resolve_round_to(round_to, model)
-    if budget is not None:
-        scope = "global"
     # One trace, one analysis and one scoring serve the ratio search and the cut alike.
     scored = score_model(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore)
     checks: list[dict[str, float]] = []
     if target is not None:
         cost = BUDGETS[budget.key].cost(model, example_inputs, scored, budget)
-        ratio = search_ratio(model, example_inputs, scored, budget, cost, round_to, max_ratio)
+        ratio = search_ratio(model, example_inputs, scored, budget, cost, round_to, max_ratio, scope)
         if budget.key == "latency_ms":
-            ratio, checks = check_latency(model, example_inputs, scored, budget, cost, ratio, round_to, max_ratio)
+            ratio, checks = check_latency(model, example_inputs, scored, budget, cost, ratio, round_to, max_ratio,
+                                          scope)
     chosen = select_units(scored, ratio, scope, round_to, max_ratio)
     dense = bias_compensation.snapshot(model, Calibration(data, loss_fn)) if compensate else None
     plan = cut_model(model, example_inputs, scored, chosen, criterion.name, ratio)
