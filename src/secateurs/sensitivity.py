@@ -48,7 +48,7 @@ from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
 from .structured import BUDGETS, GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, Budget, StructuredPlan, parse_target
 from .structured.apply import chosen_shapes, cut_model
-from .structured.options import check_options
+from .structured.options import check_options, resolve_round_to
 from .structured.units import Scored, choose_units, dense_macs, gemm_width, group_quanta, keeps_of, protect_members, score_model
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -383,6 +383,7 @@ def sensitivity(
     """
     grid = _check_grid(ratios)
     _check_options(evaluate, mode, round_to, units, cache_dir, data_key)
+    round_to = resolve_round_to(round_to, model)
     criterion = get_criterion(method, seed=seed)
     key = _cache_key(model, grid, criterion.name, units, ignore, mode, round_to, higher_is_better, data_key)
     path = _cache_file(cache_dir, key) if cache_dir is not None else None
