@@ -39,10 +39,11 @@ def prune_structured(
 
     `ratio` is the fraction of units removed from each prunable group (scope "local", the
     default for a ratio) or in total, ranked after dividing by each group's mean score
-    (scope "global", at most 90% of any group). A `target` searches that global ratio
-    (scope "global", its default) or, with scope "local", one ratio for every group: the
-    uniform widths of Torch-Pruning's cut, which can run faster per MAC than a global
-    ranking's uneven ones (benchmarks/speed.py measures both). `target="macs=0.5"` or `"params=0.3"` instead searches the
+    (scope "global", at most 90% of any group). A `target` searches the ratio that meets
+    it: by default one ratio for every group (scope "local": uniform widths, which run
+    faster per MAC than a global ranking's uneven ones), or a global ratio with
+    `scope="global"` (often less accuracy lost before recovery); a `latency_ms` target
+    is global by default, its latency table pricing each group's cut. `target="macs=0.5"` or `"params=0.3"` instead searches the
     global ratio that brings that cost to the given fraction of today's; the search
     costs each trial ratio from the traced graph, so it takes about as long as one prune.
 
@@ -57,7 +58,7 @@ def prune_structured(
     where there was none): a cheap, training-free repair that matters most for
     transformers pruned without recovery. Conv layers are not compensated.
     """
-    scope = scope or ("global" if target is not None else "local")
+    scope = scope or _default_scope(target)
     budget = check_options(ratio=ratio, target=target, scope=scope, units=units, round_to=round_to,
                            max_ratio=max_ratio, method=method)
     if compensate and data is None:
@@ -84,6 +85,16 @@ def prune_structured(
             plan.budget["checks"] = checks
     remember(model, plan)
     return plan
+
+
+def _default_scope(target: Any) -> str:
+    """Local for a ratio and for a cost fraction (one ratio for every group: uniform widths, which run
+    faster per MAC than a global ranking's uneven ones, BENCHMARKS.md); global for a latency budget,
+    whose latency table already prices each group's cut."""
+    if isinstance(target, str) and target.partition("=")[0].strip() in BUDGETS \
+            and BUDGETS[target.partition("=")[0].strip()].absolute:
+        return "global"
+    return "local"
 
 
 def _compensate(model: nn.Module, dense: bias_compensation.Snapshot, plan: StructuredPlan) -> None:
