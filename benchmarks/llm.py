@@ -50,11 +50,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from secateurs.llm import LLMConfig, find_blocks, prune_llm  # noqa: E402
+from secateurs.layers import weight_out_in  # noqa: E402
+from secateurs.llm import LLMConfig, find_block_layout, prune_llm  # noqa: E402
 from secateurs.llm import sparsegpt, wanda  # noqa: E402
 from secateurs.llm.blocks import block_linears  # noqa: E402
 from secateurs.llm.data import calibration_windows, heldout_tokens, kjv_split, kjv_verses, tokenize_file  # noqa: E402
-from secateurs.llm.engine import cache_off, capture_inputs, collect_stats, run_block, weight_rows  # noqa: E402
+from secateurs.llm.engine import cache_off, capture_inputs, collect_stats, run_block  # noqa: E402
 from secateurs.llm.evaluate import sentence_embeddings, strided_perplexity, unigram_perplexity  # noqa: E402
 from secateurs.llm.stats import LayerStats  # noqa: E402
 from secateurs.llm.tiny import RECIPE_FILE, tiny_llama  # noqa: E402
@@ -154,7 +155,7 @@ def pruned_copy(dense: nn.Module, batches: list[dict], **config: Any) -> tuple[n
 
 
 def plan_summary(model: nn.Module, plan: Any) -> dict[str, Any]:
-    summary = {"achieved_sparsity": round(linear_sparsity(model, find_blocks(model).blocks_path), 4),
+    summary = {"achieved_sparsity": round(linear_sparsity(model, find_block_layout(model).blocks_path), 4),
                "prune_seconds": round(plan.seconds, 2)}
     if plan.config.measure_error:
         summary["layer_error_sum"] = float(f"{sum(layer.error for layer in plan.layers):.4g}")
@@ -173,7 +174,7 @@ def each_pruning(setup: Setup, high: bool = False) -> Iterator[tuple[str, str, d
 
 def norm_spread(model: nn.Module, batches: list[dict]) -> dict[str, float]:
     """Per kind of linear: std / mean of the input norms ||X_j|| over features, averaged over blocks."""
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     spread: dict[str, list[float]] = {}
     with cache_off(model):
         inputs = capture_inputs(model, layout, batches)
@@ -274,7 +275,7 @@ def minilm_study(setup: Setup, dense: nn.Module, tokenizer: Any, train_path: Any
 
 # ---------------------------------------------------------------------------- tiny LLaMA
 
-def llama_section(setup: Setup, split: Any) -> tuple[dict[str, Any], nn.Module, list[dict]]:
+def llama_section(setup: Setup, split: Any, tables: bool = True) -> tuple[dict[str, Any], nn.Module, list[dict]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tiny_llama()
@@ -291,7 +292,7 @@ def llama_section(setup: Setup, split: Any) -> tuple[dict[str, Any], nn.Module, 
     log("tiny llama: dense perplexity")
     unigram = unigram_perplexity(tokenize_file(tokenizer, split.train), tokens, len(tokenizer))
     results: dict[str, Any] = {"unigram": round(unigram, 1), "dense": ppl(dense)}
-    for label, variant, config in each_pruning(setup, high=setup.llama_high):
+    for label, variant, config in each_pruning(setup, high=setup.llama_high) if tables else ():
         log(f"tiny llama: {variant} {label}")
         model, plan = pruned_copy(dense, batches, measure_error=setup.measure_error, **config)
         results.setdefault(label, {})[variant] = {"perplexity": ppl(model), **plan_summary(model, plan)}
@@ -302,7 +303,7 @@ def llama_section(setup: Setup, split: Any) -> tuple[dict[str, Any], nn.Module, 
                           f"window {window}, stride {window // 2}",
                "calibration": f"{setup.llama_windows} windows x {setup.llama_length} tokens, KJV train books",
                "input_norm_cv": norm_spread(dense, batches),
-               "perplexity": results}
+               "perplexity": results, "perplexity_of": ppl}
     return section, dense, batches
 
 
@@ -338,11 +339,11 @@ def interleaved_medians(jobs: dict[str, Callable[[], Any]], rounds: int) -> dict
 
 def first_block_layers(model: nn.Module, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One linear of each weight shape in the first block: name -> (weight [out, in], its inputs [tokens, in])."""
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     linears = block_linears(layout.blocks[0], f"{layout.blocks_path}.0.")
     by_shape: dict[tuple[int, ...], str] = {}
     for name, module in linears.items():
-        by_shape.setdefault(tuple(weight_rows(module).shape), name)
+        by_shape.setdefault(tuple(weight_out_in(module).shape), name)
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in by_shape.values()}
     hooks = [linears[name].register_forward_hook(
         lambda module, args, output, name=name: seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
@@ -353,7 +354,7 @@ def first_block_layers(model: nn.Module, batches: list[dict]) -> dict[str, tuple
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: (weight_rows(linears[name]).detach().float().clone(), torch.cat(xs)) for name, xs in seen.items()}
+    return {name: (weight_out_in(linears[name]).detach().float().clone(), torch.cat(xs)) for name, xs in seen.items()}
 
 
 def layer_timing(name: str, weight: torch.Tensor, inputs: torch.Tensor, rounds: int) -> dict[str, Any]:
@@ -365,9 +366,9 @@ def layer_timing(name: str, weight: torch.Tensor, inputs: torch.Tensor, rounds: 
     seconds = interleaved_medians({
         "wanda_stats": lambda: LayerStats(columns).add(inputs),
         "wanda_score": lambda: wanda.scores(weight, stats),
-        "wanda_prune": lambda: wanda.prune(weight, stats, wanda_config, name),
+        "wanda_prune": lambda: wanda.prune_wanda(weight, stats, wanda_config, name),
         "sparsegpt_stats": lambda: LayerStats(columns, with_hessian=True).add(inputs),
-        "sparsegpt_prune": lambda: sparsegpt.prune(weight, stats, sparsegpt_config, name),
+        "sparsegpt_prune": lambda: sparsegpt.prune_sparsegpt(weight, stats, sparsegpt_config, name),
     }, rounds)
     ratio = lambda a, b: round(a / b, 1)  # noqa: E731
     return {"layer": name, "shape": list(weight.shape), "tokens": inputs.shape[0],
@@ -415,6 +416,32 @@ def model_timing(dense: nn.Module, batches: list[dict], rounds: int) -> dict[str
             "sparsegpt_over_wanda_layers": round(layers["sparsegpt"] / layers["wanda"], 1)}
 
 
+def sequential_section(dense: nn.Module, batches: list[dict], quality: Callable[[nn.Module], float],
+                       rounds: int) -> dict[str, Any]:
+    """Side by side, 50%: the default (one statistics pass per block, as the papers' code) against
+    true-sequential, for Wanda and SparseGPT; and magnitude without any calibration pass against
+    the old default (a pass per block to measure the error). Whole prune_llm time (deep copy
+    included, the same for all), interleaved medians; quality of the last copy of each."""
+    runs = {f"{method}, {'true-sequential' if sequential else 'default'}":
+            dict(method=method, true_sequential=sequential)
+            for method in ("wanda", "sparsegpt") for sequential in (False, True)}
+    runs["magnitude, no calibration (default)"] = dict(method="magnitude")
+    runs["magnitude, with error measurement (a pass per block, the old default)"] = dict(
+        method="magnitude", measure_error=True)
+    models: dict[str, nn.Module] = {}
+
+    def prune(label: str) -> None:
+        config = runs[label]
+        data = None if config == {"method": "magnitude"} else batches
+        models[label] = pruned_copy(dense, data, sparsity=0.5, **config)[0]
+    seconds = interleaved_medians({label: lambda label=label: prune(label) for label in runs}, rounds)
+    rows = {label: {"seconds": round(seconds[label], 2), "quality": quality(models[label])} for label in runs}
+    for method in ("wanda", "sparsegpt"):
+        default, sequential = rows[f"{method}, default"], rows[f"{method}, true-sequential"]
+        rows[f"{method}: true-sequential / default time"] = round(sequential["seconds"] / default["seconds"], 2)
+    return {"rounds": rounds, "calibration_batches": len(batches), "rows": rows}
+
+
 def timing_section(dense: nn.Module, batches: list[dict], setup: Setup, whole: bool = True) -> dict[str, Any]:
     section: dict[str, Any] = {"layers": shape_timing(dense, batches, setup.timing_rounds)}
     if setup.model_timing and whole:
@@ -429,9 +456,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small calibration and evaluation sets (smoke run)")
     parser.add_argument("--study", action="store_true", help="also run the study of what limits Wanda (slow)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip", choices=("minilm", "llama", "timing", "big", "prune_llm"), action="append",
-                        default=[], help="leave a part out (big: the LLaMA-7B layer shapes; prune_llm: the "
-                                         "whole-model timing); repeatable")
+    parser.add_argument("--sequential", type=int, default=0, metavar="ROUNDS",
+                        help="also the side by side of the default and true-sequential (and magnitude without "
+                             "calibration), in ROUNDS interleaved rounds")
+    parser.add_argument("--skip", choices=("minilm", "llama", "timing", "big", "prune_llm", "quality"),
+                        action="append", default=[], help="leave a part out (big: the LLaMA-7B layer shapes; "
+                        "prune_llm: the whole-model timing; quality: the tables of methods); repeatable")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -442,13 +472,22 @@ def main(argv: list[str] | None = None) -> None:
     if "minilm" not in args.skip:
         dense, tokenizer = load_minilm()
         batches = calibration_windows(tokenizer, split.train, n=setup.minilm_windows, length=setup.minilm_length)
-        report["minilm"] = minilm_section(setup, dense, tokenizer, batches)
+        if "quality" not in args.skip:
+            report["minilm"] = minilm_section(setup, dense, tokenizer, batches)
+        if args.sequential:
+            texts = evaluation_sentences(setup.sentences)["kjv_heldout"]
+            reference = sentence_embeddings(dense, tokenizer, texts)
+            report["sequential_minilm"] = sequential_section(
+                dense, batches, lambda model: mean_cosine(reference, model, tokenizer, texts), args.sequential)
         if "timing" not in args.skip:
             report["time_minilm"] = timing_section(dense, batches, setup, "prune_llm" not in args.skip)
         if args.study:
             report["minilm_study"] = minilm_study(setup, dense, tokenizer, split.train)
     if "llama" not in args.skip:
-        report["tiny_llama"], dense, batches = llama_section(setup, split)
+        report["tiny_llama"], dense, batches = llama_section(setup, split, "quality" not in args.skip)
+        perplexity = report["tiny_llama"].pop("perplexity_of")
+        if args.sequential:
+            report["sequential_tiny_llama"] = sequential_section(dense, batches, perplexity, args.sequential)
         if "timing" not in args.skip:
             report["time_tiny_llama"] = timing_section(dense, batches, setup, "prune_llm" not in args.skip)
         if args.study:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -32,9 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import psutil
 
-HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 8
 STD = 0.02
 GB = 1e9
 TRACE_SECONDS = 30  # how often the resident set is recorded for the trace in the JSON
@@ -49,47 +51,65 @@ def log(*items: object) -> None:
     print(*items, file=sys.stderr, flush=True)
 
 
-def block_shapes() -> dict[str, tuple[int, ...]]:
-    """Local name -> shape of every tensor of one LLaMA decoder layer."""
-    head_dim = HIDDEN // HEADS
-    return {
-        "input_layernorm.weight": (HIDDEN,),
-        "self_attn.q_proj.weight": (HEADS * head_dim, HIDDEN),
-        "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-        "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-        "self_attn.o_proj.weight": (HIDDEN, HEADS * head_dim),
-        "post_attention_layernorm.weight": (HIDDEN,),
-        "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-        "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-        "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-    }
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes of a LLaMA-architecture model (this benchmark's default: 2.16 G parameters at 45 layers)."""
+
+    hidden: int = 2048
+    intermediate: int = 5632
+    vocab: int = 32000
+    heads: int = 32
+    kv_heads: int = 8
+
+    def block(self) -> dict[str, tuple[int, ...]]:
+        """Local name -> shape of every tensor of one LLaMA decoder layer."""
+        head_dim = self.hidden // self.heads
+        return {
+            "input_layernorm.weight": (self.hidden,),
+            "self_attn.q_proj.weight": (self.heads * head_dim, self.hidden),
+            "self_attn.k_proj.weight": (self.kv_heads * head_dim, self.hidden),
+            "self_attn.v_proj.weight": (self.kv_heads * head_dim, self.hidden),
+            "self_attn.o_proj.weight": (self.hidden, self.heads * head_dim),
+            "post_attention_layernorm.weight": (self.hidden,),
+            "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+            "mlp.up_proj.weight": (self.intermediate, self.hidden),
+            "mlp.down_proj.weight": (self.hidden, self.intermediate),
+        }
+
+    def block_params(self) -> int:
+        return sum(math.prod(s) for s in self.block().values())
 
 
-def _tensor(shape: tuple[int, ...], name: str, generator) -> "torch.Tensor":
+LLAMA_2B = Shapes()
+HIDDEN, VOCAB = LLAMA_2B.hidden, LLAMA_2B.vocab
+
+
+def _tensor(shape: tuple[int, ...], name: str, generator, dtype):
     import torch
 
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    return torch.randn(shape, generator=generator) * STD
+        return torch.ones(shape, dtype=dtype)
+    return (torch.randn(shape, generator=generator) * STD).to(dtype)
 
 
-def write_checkpoint(folder: Path, layers: int) -> int:
-    """Write the random checkpoint shard by shard (one per layer); return its weight bytes."""
+def write_checkpoint(folder: Path, layers: int, shapes: Shapes = LLAMA_2B, dtype=None) -> int:
+    """Write the random checkpoint shard by shard (one per layer, fp32 unless `dtype`); return its weight bytes."""
     import torch
     import transformers
     from safetensors.torch import save_file
 
+    dtype = dtype or torch.float32
     stage = folder.with_name(folder.name + ".partial")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    shards = [{"model.embed_tokens.weight": (VOCAB, HIDDEN)}]
-    shards += [{f"model.layers.{i}.{k}": s for k, s in block_shapes().items()} for i in range(layers)]
-    shards += [{"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}]
+    shards = [{"model.embed_tokens.weight": (shapes.vocab, shapes.hidden)}]
+    shards += [{f"model.layers.{i}.{k}": s for k, s in shapes.block().items()} for i in range(layers)]
+    shards += [{"model.norm.weight": (shapes.hidden,), "lm_head.weight": (shapes.vocab, shapes.hidden)}]
     weight_map, total = {}, 0
-    for k, shapes in enumerate(shards, 1):
+    for k, group in enumerate(shards, 1):
         name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: _tensor(s, n, generator) for n, s in shapes.items()}
+        tensors = {n: _tensor(s, n, generator, dtype) for n, s in group.items()}
         save_file(tensors, str(stage / name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
@@ -97,9 +117,9 @@ def write_checkpoint(folder: Path, layers: int) -> int:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False,
-        initializer_range=STD, architectures=["LlamaForCausalLM"])
+        vocab_size=shapes.vocab, hidden_size=shapes.hidden, intermediate_size=shapes.intermediate,
+        num_hidden_layers=layers, num_attention_heads=shapes.heads, num_key_value_heads=shapes.kv_heads,
+        tie_word_embeddings=False, initializer_range=STD, architectures=["LlamaForCausalLM"])
     config.save_pretrained(stage)
     transformers.GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(stage)
     stage.rename(folder)
@@ -109,7 +129,7 @@ def write_checkpoint(folder: Path, layers: int) -> int:
 def checkpoint(layers: int) -> tuple[Path, int]:
     folder = cache_root() / f"llama-random-{layers}l-fp32"
     if not (folder / "model.safetensors.index.json").is_file():
-        need = (layers * 45.1e6 + 2 * VOCAB * HIDDEN) * 4 * 1.05
+        need = (layers * LLAMA_2B.block_params() + 2 * VOCAB * HIDDEN) * 4 * 1.05
         free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path.home()).free
         if free < need:
             raise SystemExit(f"need {need / GB:.1f} GB free for the checkpoint, have {free / GB:.1f} GB")

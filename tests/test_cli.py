@@ -256,13 +256,22 @@ def test_structured_latency_target_is_timed_at_the_threads_flag(project, capsys)
     assert budget["predicted"] <= 1000 and budget["measured"] > 0
 
 
+def test_structured_round_to_keeps_widths_multiples(project, capsys):
+    code, _, err = run(["prune", "--model", "usermodels:build", "--weights", "w.safetensors", "--structured",
+                        "--ratio", "0.5", "--round-to", "8", "--input-shape", "4,12", "--out", "r8"], capsys)
+    assert code == 0, err
+    keeps = json.loads((project / "r8" / "metrics.json").read_text())["plan"]["keeps"]
+    assert keeps and all(len(kept) % 8 == 0 for kept in keeps.values())
+
+
 STRUCTURED_BAD = [
     (["--structured", "--sparsity", "0.5", "--input-shape", "1,12"], "--structured takes --remove (--ratio) or --keep"),
     (["--structured", "--input-shape", "1,12"], "exactly one of --remove F (--ratio"),
     (["--structured", "--target", "flops=0.5", "--input-shape", "1,12"], "target must look like"),
-    (["--structured", "--ratio", "1.5", "--input-shape", "1,12"], "--ratio must be in [0, 1)"),
+    (["--structured", "--ratio", "1.5", "--input-shape", "1,12"], "ratio must be in [0, 1)"),
     (["--structured", "--ratio", "0.5", "--input-shape", "1,x"], "--input-shape must be positive integers"),
     (["--structured", "--ratio", "0.5"], "needs an example input"),
+    (["--structured", "--ratio", "0.5", "--round-to", "0", "--input-shape", "1,12"], "must be a positive integer"),
 ]
 
 

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from secateurs.errors import IncompatibleLayer, InvalidArgument, MissingData
-from secateurs.llm import LLMConfig, capture_inputs, find_blocks, prune_block, prune_llm, run_block
+from secateurs.layers import weight_out_in
+from secateurs.llm import LLMConfig, capture_inputs, find_block_layout, prune_block, prune_llm, run_block
 from secateurs.llm import sparsegpt
 from secateurs.llm.blocks import block_linears
-from secateurs.llm.engine import new_stats, prune_linear, weight_rows
+from secateurs.llm.engine import new_stats, prune_linear
 from secateurs.llm.stats import LayerStats
 
 transformers = pytest.importorskip("transformers")
@@ -76,10 +77,10 @@ def dict_batches(**kw) -> list[dict]:
 
 def pruned_rows(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every linear of every block, as [out, in]."""
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     found = {}
     for i, block in enumerate(layout.blocks):
-        found.update({n: weight_rows(m).detach() for n, m in block_linears(block, f"{i}.").items()})
+        found.update({n: weight_out_in(m).detach() for n, m in block_linears(block, f"{i}.").items()})
     return found
 
 
@@ -88,7 +89,7 @@ def pruned_rows(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("build, path", [(llama, "model.layers"), (gpt2, "transformer.h"),
                                          (bert, "encoder.layer"), (PlainModel, "blocks")])
 def test_find_blocks_knows_the_layouts(build, path):
-    layout = find_blocks(build())
+    layout = find_block_layout(build())
     assert layout.blocks_path == path and len(layout.blocks) >= 2
 
 
@@ -148,13 +149,13 @@ def test_ignored_linears_stay_dense():
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_sparsegpt_reconstructs_every_layer_at_least_as_well_as_magnitude_and_wanda(build, pattern):
     model = build()
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     inputs = capture_inputs(model, layout, dict_batches())
     for block in layout.blocks:
         # every method prunes a copy of the same dense block from the same inputs
         errors = {}
         for method in ("magnitude", "wanda", "sparsegpt"):
-            config = LLMConfig(method=method, pattern=pattern, true_sequential=False)
+            config = LLMConfig(method=method, pattern=pattern, measure_error=True)
             errors[method] = {r.name: r.error for r in prune_block(copy.deepcopy(block), inputs, config)}
         assert len(errors["sparsegpt"]) >= 4
         for name, error in errors["sparsegpt"].items():
@@ -164,10 +165,10 @@ def test_sparsegpt_reconstructs_every_layer_at_least_as_well_as_magnitude_and_wa
 
 def test_reported_error_is_the_reconstruction_error_on_the_calibration_inputs():
     model = PlainModel()
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     inputs = capture_inputs(model, layout, token_batches(3))
     block, dense = layout.blocks[0], copy.deepcopy(layout.blocks[0])
-    reports = prune_block(block, inputs, LLMConfig(method="sparsegpt", true_sequential=False))
+    reports = prune_block(block, inputs, LLMConfig(method="sparsegpt", measure_error=True))
     x = torch.cat([h.reshape(-1, 32) for h in inputs.hidden])
     expected = (x @ (dense.up.weight - block.up.weight).t()).pow(2).sum().item()
     assert reports[0].name == "up" and reports[0].error == pytest.approx(expected, rel=1e-4)
@@ -179,7 +180,7 @@ def test_sparsegpt_prunes_dead_inputs_and_stays_finite():
     x[:, 3] = 0  # an input feature that never fires
     stats = LayerStats(16, with_hessian=True)
     stats.add(x)
-    weight, _ = sparsegpt.prune(torch.randn(8, 16), stats, LLMConfig(method="sparsegpt"), "dead")
+    weight, _ = sparsegpt.prune_sparsegpt(torch.randn(8, 16), stats, LLMConfig(method="sparsegpt"), "dead")
     assert torch.isfinite(weight).all() and (weight[:, 3] == 0).all()
     assert ((weight == 0).sum(1) == 8).all()
 
@@ -192,7 +193,7 @@ LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["
 
 def whole_model_reference(model: nn.Module, batches: list, config: LLMConfig) -> None:
     """For each block k: run the whole model (blocks < k pruned) to collect its linears' inputs, prune it."""
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     for block in layout.blocks:
         groups = LLAMA_GROUPS if config.true_sequential else [sum(LLAMA_GROUPS, [])]
         for group in groups:
@@ -277,7 +278,7 @@ def test_owl_keeps_the_mean_ratio_and_spares_the_block_with_outliers():
     assert second < first and first - second == pytest.approx(0.2)
     for report in plan.layers:
         block = int(report.name.split(".")[2])
-        width = weight_rows(model.get_submodule(report.name)).shape[1]
+        width = weight_out_in(model.get_submodule(report.name)).shape[1]
         assert report.sparsity == int(plan.block_sparsity[block] * width + 1e-9) / width
 
 
@@ -315,7 +316,7 @@ def test_nm_on_a_width_not_divisible_by_m_names_the_layer():
 
 def test_capture_works_with_the_blocks_on_the_meta_device():
     model = llama()
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     expected = capture_inputs(model, layout, token_batches(2))
     layout.blocks.to("meta")  # as when streaming: the blocks' weights are not loaded yet
     captured = capture_inputs(model, layout, token_batches(2))
@@ -328,11 +329,11 @@ def test_capture_works_with_the_blocks_on_the_meta_device():
 def test_sparsegpt_raises_the_damping_when_cholesky_fails():
     stats = LayerStats(4, with_hessian=True, tokens=10)
     stats.hessian = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.02]))  # not positive definite at 1% damping
-    weight, note = sparsegpt.prune(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
+    weight, note = sparsegpt.prune_sparsegpt(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
     assert note == "damping raised to 0.1" and torch.isfinite(weight).all()
     stats.hessian[3, 3] = -100.0
     with pytest.raises(IncompatibleLayer, match="not positive definite"):
-        sparsegpt.prune(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
+        sparsegpt.prune_sparsegpt(torch.randn(3, 4), stats, LLMConfig(method="sparsegpt"), "layer")
 
 
 def test_a_one_layer_llama_is_pruned():
@@ -355,7 +356,7 @@ def test_padding_tokens_are_left_out_of_the_statistics():
     for (name, a), b in zip(padded.state_dict().items(), unpadded.state_dict().values()):
         assert torch.equal(a == 0, b == 0), name
     model = bert()
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     inputs = capture_inputs(model, layout, [dict(input_ids=ids[0], attention_mask=mask)])
     linears = block_linears(layout.blocks[0])
     stats = collect_stats(layout.blocks[0], inputs, linears, LLMConfig(method="sparsegpt"))

@@ -47,7 +47,7 @@ PRUNED = {"fc1.weight": 384, "fc2.weight": 768}
 
 
 def expected_counts(sparsity: float) -> dict[str, int]:
-    return {name: round(sparsity * numel) for name, numel in PRUNED.items()}
+    return {name: int(sparsity * numel + 1e-9) for name, numel in PRUNED.items()}  # floor, the one rule
 
 
 # --- iterative ---------------------------------------------------------------------------

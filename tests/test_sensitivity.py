@@ -15,7 +15,7 @@ from secateurs.measure import count_macs, count_parameters
 from secateurs.recipe import parse_recipe
 from secateurs.recover import finetune
 from secateurs.report import build_report
-from secateurs.sensitivity import (Sensitivity, allocate, data_digest, mean_loss, prune_by_sensitivity,
+from secateurs.sensitivity import (Sensitivity, allocate, data_digest, mean_loss_metric, prune_by_sensitivity,
                                    prune_by_sensitivity_rounds, save_plot, sensitivity)
 
 from .test_recipe import project  # noqa: F401  (the tiny model, its weights, data and pipeline recipe)
@@ -38,7 +38,7 @@ def digits(one_thread):
 @pytest.fixture(scope="module")
 def curves(digits):
     model, held_out, x = digits
-    return sensitivity(model, x, mean_loss(held_out, F.cross_entropy), RATIOS, higher_is_better=False)
+    return sensitivity(model, x, mean_loss_metric(held_out, F.cross_entropy), RATIOS, higher_is_better=False)
 
 
 def _accuracy(batches):
@@ -68,7 +68,7 @@ def test_curves_cover_every_group_and_fall_with_the_ratio(digits):
 
 def test_zeroing_in_place_measures_what_cutting_a_copy_does(digits, curves):
     model, held_out, x = digits
-    cut = sensitivity(model, x, mean_loss(held_out, F.cross_entropy), RATIOS, higher_is_better=False, mode="cut")
+    cut = sensitivity(model, x, mean_loss_metric(held_out, F.cross_entropy), RATIOS, higher_is_better=False, mode="cut")
     for zeroed, removed in zip(curves.curves, cut.curves):
         assert zeroed.removed == removed.removed
         torch.testing.assert_close(torch.tensor(zeroed.metric), torch.tensor(removed.metric), rtol=1e-4, atol=1e-5)
@@ -77,7 +77,7 @@ def test_zeroing_in_place_measures_what_cutting_a_copy_does(digits, curves):
 def test_cache_hits_without_evaluating_and_misses_when_anything_changes(digits, tmp_path):
     model, held_out, x = digits
     calls = []
-    loss = mean_loss(held_out, F.cross_entropy)
+    loss = mean_loss_metric(held_out, F.cross_entropy)
 
     def evaluate(m):
         calls.append(1)
@@ -104,7 +104,7 @@ def test_cache_hits_without_evaluating_and_misses_when_anything_changes(digits, 
 
 def test_same_inputs_give_identical_curves(digits, curves):
     model, held_out, x = digits
-    again = sensitivity(model, x, mean_loss(held_out, F.cross_entropy), RATIOS, higher_is_better=False)
+    again = sensitivity(model, x, mean_loss_metric(held_out, F.cross_entropy), RATIOS, higher_is_better=False)
     assert [c.metric for c in again.curves] == [c.metric for c in curves.curves]
     assert [c.order for c in again.curves] == [c.order for c in curves.curves]
 
@@ -132,7 +132,7 @@ def test_rounds_remeasure_the_curves_on_the_cut_model_and_meet_the_target(digits
 
     def measure(m):
         measured.append(count_macs(m, x)[0])
-        return sensitivity(m, x, mean_loss(held_out, F.cross_entropy), RATIOS, higher_is_better=False)
+        return sensitivity(m, x, mean_loss_metric(held_out, F.cross_entropy), RATIOS, higher_is_better=False)
 
     plans = prune_by_sensitivity_rounds(pruned, x, measure, "macs=0.2", rounds=3)
     dense = count_macs(model, x)[0]

@@ -49,17 +49,19 @@ def test_estimated_costs_equal_the_pruned_model(name, ratio):
     assert params == plan.params_after == count_parameters(model)[0] < scored.params
 
 
+@pytest.mark.parametrize("scope", ["local", "global"])
 @pytest.mark.parametrize("name,target", [("resnet18", "macs=0.4"), ("vit", "macs=0.3"),
                                          ("mobilenet_v2", "params=0.5"), ("lstm_classifier", "macs=0.5")])
-def test_target_is_met_closely_and_equals_a_direct_prune_at_the_found_ratio(name, target):
+def test_target_is_met_closely_and_equals_a_direct_prune_at_the_found_ratio(name, target, scope):
     model, inputs = build(name)
     fraction = float(target.partition("=")[2])
     direct = copy.deepcopy(model)
-    plan = prune_structured(model, inputs, target=target)
+    plan = prune_structured(model, inputs, target=target, **({"scope": scope} if scope == "global" else {}))
     key = target.partition("=")[0]
     before, after = (plan.macs_before, plan.macs_after) if key == "macs" else (plan.params_before, plan.params_after)
-    assert fraction - 0.05 <= after / before <= fraction
-    direct_plan = prune_structured(direct, inputs, plan.ratio, scope="global")
+    # one ratio for every group moves in coarser steps than a global ranking (a group of 8 by 1/8)
+    assert fraction - (0.08 if scope == "local" else 0.05) <= after / before <= fraction
+    direct_plan = prune_structured(direct, inputs, plan.ratio, scope=scope)
     assert direct_plan.keeps == plan.keeps
     with torch.no_grad():
         torch.testing.assert_close(direct(*inputs), model(*inputs), rtol=0, atol=0)

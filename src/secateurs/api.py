@@ -7,10 +7,18 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .allocate import NORMALIZERS, SCOPES, global_masks, layer_masks, nm_masks, row_masks
-from .criteria import Calibration, Criterion, get_criterion
+from .allocate import (
+    NORMALIZERS,
+    SCOPES,
+    global_masks,
+    layer_masks,
+    nm_masks,
+    row_masks,
+)
 from .batches import LossFn
+from .criteria import Calibration, Criterion, get_criterion
 from .errors import IncompatibleLayer, InvalidArgument
+from .plans import PlanRecord
 from .select import Target, select_targets
 from .sparsity import MASK_SUFFIX, parse_pattern, set_mask
 
@@ -31,7 +39,7 @@ class LayerPlan:
 
 
 @dataclass
-class Plan:
+class Plan(PlanRecord):
     """A record of one pruning call: the request and the per-layer outcome."""
 
     method: str
@@ -52,6 +60,11 @@ class Plan:
         for layer, record in zip(self.layers, out["layers"]):
             record["sparsity"] = layer.sparsity
         return out
+
+    def summary(self) -> dict[str, str]:
+        zeros, total = sum(layer.zeros for layer in self.layers), sum(layer.numel for layer in self.layers)
+        return {"method": self.method, "asked": self.pattern or f"{self.sparsity:.1%} ({self.scope})",
+                "layers": str(len(self.layers)), "zeros": f"{zeros:,} of {total:,} ({self.achieved:.1%})"}
 
 
 def check_ratio(name: str, value: float, upper_inclusive: bool = False) -> float:

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from .batches import Calibration, LossFn, eval_mode, mean_loss, model_device
 from .errors import IncompatibleLayer, InvalidArgument, MissingData
 from .measure import _call, count_parameters
+from .plans import PlanRecord, fraction
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
 _HOW = ("auto", "delete", "identity")
@@ -360,7 +361,7 @@ def _remove(model: nn.Module, removed: Sequence[str], how: dict[str, str], retur
 # ------------------------------------------------------------------ the front door
 
 @dataclass
-class BlockPlan:
+class BlockPlan(PlanRecord):
     """Which blocks were removed and how, with every candidate's score and the costs."""
 
     method: str
@@ -374,6 +375,10 @@ class BlockPlan:
     def to_dict(self) -> dict[str, Any]:
         """The plan as it goes into plan.json, under "blocks" (beside a structured plan's keys)."""
         return {"blocks": asdict(self)}
+
+    def summary(self) -> dict[str, str]:
+        return {"method": self.method, "removed": ", ".join(self.removed) or "none",
+                "params": fraction(self.params_after, self.params_before)}
 
 
 def _scores(model: nn.Module, candidates: list[str], method: str, data: Iterable[Any] | None,

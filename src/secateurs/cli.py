@@ -30,6 +30,7 @@ from .checkpoint import load, save
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
 from .measure import Timing, budget_text, count_parameters, measure
 from .structured import BUDGETS, UNIT_KINDS, Budget, parse_target, prune_structured
+from .structured.options import check_options
 
 ROWS = ("accuracy", "loss", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes",
         "latency_ms")
@@ -76,6 +77,10 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
+
+
+def _round_to(text: str) -> int | str:
+    return text if text == "auto" else _positive_int(text)
 
 
 class _Steps:
@@ -184,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structured", action="store_true", help="remove whole channels / heads instead of masking")
     p.add_argument("--ratio", type=_ratio, default=None, metavar="F", help="same as --remove, with --structured")
     p.add_argument("--target", default=None, metavar="COST=F", help="same as --keep")
+    p.add_argument("--round-to", type=_round_to, default="auto", metavar="N|auto",
+                   help="--structured: kept widths a multiple of N; auto: by device and dtype")
     p.add_argument("--input-shape", default=None, metavar="SHAPE",
                    help="example input, e.g. 1,3,224,224 (default: first calib input)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; never an input)")
@@ -237,12 +244,21 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
     hf.add_argument("--stream", action="store_true", help="stream weights from the shards, one block at a time")
     hf.add_argument("--units", nargs="+", choices=UNIT_KINDS, default=None, metavar="UNIT",
                     help=f"structured: what to remove, of {', '.join(UNIT_KINDS)}")
+    hf.add_argument("--device", default=None, metavar="DEV",
+                    help="prune each block on this device (cuda, cuda:1, cpu); the model stays on the CPU")
+    hf.add_argument("--offload-inputs", action="store_true",
+                    help="with --device: calibration activations stay on the CPU, one window moved at a time")
+    hf.add_argument("--true-sequential", action="store_true",
+                    help="re-collect statistics after each group of a block's linears (slower)")
+    hf.add_argument("--measure-error", action="store_true",
+                    help="report each linear's reconstruction error ||WX - W'X||^2 (one more pass per block)")
     hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
     hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
 
 
 # argparse dests of the options that belong to one source only
-_HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers")
+_HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers", "device",
+            "offload_inputs", "true_sequential", "measure_error")
 _MODEL_ONLY = ("weights", "trust_pickle", "input_shape", "types", "include", "prune_last", "skip_incompatible",
                "max_batches")
 
@@ -453,11 +469,7 @@ def _check_structured(args: argparse.Namespace) -> None:
     if (args.ratio is None) == (args.target is None):
         raise InvalidArgument("--structured needs exactly one of --remove F (--ratio: fraction of each group's "
                               "channels) or --keep COST=F (--target, e.g. macs=0.5)")
-    if args.target is not None:
-        parse_target(args.target)
-    elif not 0.0 <= args.ratio < 1.0:
-        raise InvalidArgument(f"--ratio must be in [0, 1), got {args.ratio}")
-    get_criterion(args.method or "l2")
+    check_options(ratio=args.ratio, target=args.target, method=args.method or "l2")
 
 
 def _check_unstructured(args: argparse.Namespace) -> None:
@@ -538,7 +550,7 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
     if args.structured:
         with _Steps(console)(f"removing channels ({args.method})"):
             plan = prune_structured(model, example, args.ratio, target=_at_threads(args.target, args.threads),
-                                    method=args.method, data=data,
+                                    method=args.method, data=data, round_to=args.round_to,
                                     loss_fn=LOSSES[args.loss], ignore=args.ignore, seed=args.seed)
         return _finish_prune(args, console, model, plan, before, measured(model),
                              f"{args.model}, structured {plan.method}: MACs {plan.macs_after / plan.macs_before:.1%} "
@@ -590,8 +602,6 @@ def _finish_prune(args: argparse.Namespace, console: Console, model: torch.nn.Mo
 def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
     """`prune --hf`: the whole run is `llm.pipeline.prune_checkpoint`; this prints its metrics."""
     _refuse_given(args, _MODEL_ONLY, "--hf (it is for --model)")
-    if args.calib is None:
-        raise InvalidArgument("--hf needs --calib FILE: plain text or JSONL, tokenized into calibration windows")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing may download
     import transformers
 
@@ -605,7 +615,8 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
              "calib_windows": args.calib_windows, "seqlen": args.seqlen, "owl": args.owl, "eval_file": args.eval,
              "stream": args.stream, "structured": args.structured, "ratio": args.ratio, "target": args.target,
              "units": args.units, "compensate": args.compensate, "drop_layers": args.drop_layers,
-             "ignore": args.ignore, "overwrite": args.overwrite}
+             "device": args.device, "offload_inputs": args.offload_inputs, "true_sequential": args.true_sequential,
+             "measure_error": args.measure_error, "ignore": args.ignore, "overwrite": args.overwrite}
     with contextlib.ExitStack() as stack:
         # a live status line in a terminal; in a log, a line per stage
         on_stage = (stack.enter_context(console.status("pruning")).update if console.is_terminal
@@ -664,6 +675,14 @@ def _static_costs(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def run_run(args: argparse.Namespace, console: Console) -> int:
+    from .recover.distributed import torchrun_group
+
+    with torchrun_group() as rank:   # under torchrun every rank runs the recipe; rank 0 writes and prints
+        console.quiet = rank != 0
+        return _run_recipe(args, console)
+
+
+def _run_recipe(args: argparse.Namespace, console: Console) -> int:
     from .run import run_recipe
 
     def finished(index: int, name: str, record: dict[str, Any]) -> None:

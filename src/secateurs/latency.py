@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import model_device
 from .cache import cache_dir
 from .errors import InvalidArgument
 from .graph.groups import Analysis, analyze_graph
@@ -298,16 +299,23 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generat
     return torch.zeros(shape, dtype=dtype)
 
 
-def _call(plan: _Plan, graph: Graph, point: dict[int, tuple[int, ...]]) -> Callable[[], Any]:
-    """The op on fresh random inputs of the point's shapes, its scalar arguments fitted to them."""
+def _call(plan: _Plan, graph: Graph, point: dict[int, tuple[int, ...]], device: torch.device) -> Callable[[], Any]:
+    """The op on fresh random inputs of the point's shapes on `device`, its scalar arguments fitted to them."""
     generator = torch.Generator().manual_seed(0)
-    tensors = {n: _random(shape, graph.tensors[n].dtype, generator) for n, shape in point.items()}
+    tensors = {n: _random(shape, graph.tensors[n].dtype, generator).to(device) for n, shape in point.items()}
     args = list(_materialize(plan.op.args, tensors))
     kwargs = {k: _materialize(v, tensors) for k, v in plan.op.kwargs.items()}
     dense = [graph.tensors[a.node].shape if isinstance(a, Ref) else None for a in plan.op.args]
     TIMED_OPS[plan.op.target.overloadpacket](args, kwargs, dense)
     target = plan.op.target
     return lambda: target(*args, **kwargs)
+
+
+def _synchronized(call: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """`call`, waiting for an accelerator's queued kernels so the clock sees them run."""
+    if device.type != "cuda":
+        return call
+    return lambda: (call(), torch.cuda.synchronize(device))
 
 
 def _time_ms(call: Callable[[], Any]) -> float:
@@ -325,11 +333,12 @@ def _time_ms(call: Callable[[], Any]) -> float:
     return statistics.median(samples)
 
 
-def _time_plan(plan: _Plan, graph: Graph) -> OpTiming | None:
-    """The op's timings over its grid, made non-decreasing (fewer channels never cost more); None if it fails."""
+def _time_plan(plan: _Plan, graph: Graph, device: torch.device) -> OpTiming | None:
+    """The op's timings over its grid on `device`, made non-decreasing (fewer channels never cost more);
+    None if it fails."""
     try:
         with torch.inference_mode():
-            ms = [_time_ms(_call(plan, graph, point)) for point in plan.points]
+            ms = [_time_ms(_synchronized(_call(plan, graph, point, device), device)) for point in plan.points]
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None   # shapes this op cannot take on its own: its time stays in the remainder
     grid = np.asarray(ms).reshape([len(a) for a in plan.axes])
@@ -340,9 +349,16 @@ def _time_plan(plan: _Plan, graph: Graph) -> OpTiming | None:
 
 # ------------------------------------------------------------------------ the table
 
-def _structure_key(graph: Graph, threads: int) -> str:
-    """sha256 of every op with its shapes and dtypes, the thread count, torch's version and the grid."""
-    digest = hashlib.sha256(repr((TABLE_VERSION, torch.__version__, threads, WIDTHS)).encode())
+def device_name(device: torch.device) -> str:
+    """What a latency table is specific to: the CPU, or the accelerator's model name."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def _structure_key(graph: Graph, threads: int, device: torch.device) -> str:
+    """sha256 of every op with its shapes and dtypes, the thread count and device, torch's version and the grid."""
+    digest = hashlib.sha256(repr((TABLE_VERSION, torch.__version__, threads, device_name(device), WIDTHS)).encode())
     for op in graph.ops:
         shapes = [(graph.tensors[i].shape, str(graph.tensors[i].dtype)) for i in op.inputs + op.outputs]
         digest.update(repr((op.name, shapes, _scalars(op.args), _scalars(op.kwargs))).encode())
@@ -374,7 +390,9 @@ def _write(path: Path, record: dict[str, Any]) -> None:
 def latency_table(model: nn.Module, example_inputs: Any, *, threads: int | None = None,
                   cache: str | os.PathLike | bool = True, graph: Graph | None = None,
                   analysis: Analysis | None = None) -> LatencyTable:
-    """The per-op latency table of `model` on `example_inputs` at `threads` CPU threads.
+    """The per-op latency table of `model` on `example_inputs` at `threads` CPU threads, on the
+    model's own device (an accelerator's ops are timed there, with its queue synchronized) and
+    dtype; cached per device.
 
     `threads` defaults to torch's current count. `cache`: True for `default_cache()`, a
     folder, or False to time afresh without writing. `graph` / `analysis`, when the
@@ -385,7 +403,8 @@ def latency_table(model: nn.Module, example_inputs: Any, *, threads: int | None 
         raise InvalidArgument(f"threads must be a positive integer, got {threads!r}")
     graph = graph if graph is not None else trace(model, example_inputs)
     analysis = analysis if analysis is not None else analyze_graph(graph)
-    key = _structure_key(graph, threads)
+    device = model_device(model)
+    key = _structure_key(graph, threads, device)
     folder = default_cache() if cache is True else Path(cache) if cache else None
     path = folder / f"{key[:32]}.json" if folder is not None else None
     widths = _Widths.of(analysis)
@@ -393,7 +412,7 @@ def latency_table(model: nn.Module, example_inputs: Any, *, threads: int | None 
                          if getattr(op.target, "overloadpacket", None) in TIMED_OPS) if p is not None]
     record = _read(path, key) if path is not None else None
     if record is None:
-        record = _build(model, example_inputs, graph, plans, key, threads)
+        record = _build(model, example_inputs, graph, plans, key, threads, device)
         if path is not None:
             _write(path, record)
     timings = {s: OpTiming(**t) for s, t in record["timings"].items()}
@@ -420,7 +439,7 @@ def _warn_if_inconsistent(table: LatencyTable) -> None:
 
 
 def _build(model: nn.Module, example_inputs: Any, graph: Graph, plans: list[_Plan], key: str,
-           threads: int) -> dict[str, Any]:
+           threads: int, device: torch.device) -> dict[str, Any]:
     """Time every distinct op plan and the dense model at `threads` threads: the record a cache file holds."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -431,11 +450,12 @@ def _build(model: nn.Module, example_inputs: Any, graph: Graph, plans: list[_Pla
         timings: dict[str, Any] = {}
         for plan in plans:
             if plan.signature not in timings:
-                timings[plan.signature] = _time_plan(plan, graph)
+                timings[plan.signature] = _time_plan(plan, graph, device)
         dense = min(before, latency_ms(model, example_inputs, threads=threads))
     finally:
         torch.set_num_threads(previous)
-    return {"version": TABLE_VERSION, "key": key, "threads": threads, "torch_version": torch.__version__,
+    return {"version": TABLE_VERSION, "key": key, "threads": threads, "device": device_name(device),
+            "torch_version": torch.__version__,
             "dense_ms": dense, "timings": {s: asdict(t) for s, t in timings.items() if t is not None}}
 
 

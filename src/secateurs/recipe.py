@@ -29,7 +29,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from .api import resolve_sparsity
 from .criteria import get_criterion
 from .errors import FileProblem, InvalidArgument
-from .structured import parse_target
+from .structured import UNIT_KINDS
+from .structured.options import check_options
 
 
 def _no_bool(value: Any) -> Any:
@@ -139,6 +140,9 @@ class PruneStage(_Spec):
     ignore: list[str] = []
     batches: PositiveCount = 8              # calibration batches for data-aware scoring
     recalibrate_bn: bool = False            # re-estimate BatchNorm statistics right after the cut
+    units: list[str] = list(UNIT_KINDS)     # structured: "channel", "head"
+    round_to: PositiveCount | None = None   # structured: every kept width a multiple of this
+    max_ratio: Fraction | None = None       # structured: at most this fraction of any group removed
     allocation: Literal["sensitivity"] | None = None   # per-group ratios from sensitivity curves (a target)
     rounds: PositiveCount = 1               # allocation: sensitivity in this many cuts, curves re-measured before each
 
@@ -157,10 +161,8 @@ class PruneStage(_Spec):
             if (self.ratio is None) == (self.target is None):
                 raise ValueError("structured pruning needs exactly one of ratio (fraction of channels) "
                                  "or target (e.g. macs=0.25)")
-            if self.target is not None:
-                parse_target(self.target)
-            if self.scope not in (None, "local", "global"):
-                raise ValueError(f"structured scope must be 'local' or 'global', got {self.scope!r}")
+            check_options(ratio=self.ratio, target=self.target, scope=self.scope or "local", units=self.units,
+                          round_to=self.round_to, max_ratio=self.max_ratio)
             if self.allocation is not None and (self.target is None or self.scope is not None):
                 raise ValueError("allocation: sensitivity picks each group's ratio to meet a target: give target "
                                  "(e.g. macs=0.25), not ratio or scope")
@@ -178,6 +180,10 @@ class PruneStage(_Spec):
         return self
 
 
+# Under torchrun, how a recovery stage trains on all processes (unset: DDP; see secateurs.recover.distributed).
+Parallel = Literal["ddp", "fsdp"] | None
+
+
 class FinetuneStage(_Spec):
     """Train on the calibration data with the masks kept."""
 
@@ -185,6 +191,7 @@ class FinetuneStage(_Spec):
     lr: PositiveNumber = 1e-3
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: Annotated[float, BeforeValidator(_no_bool), Field(ge=0)] = 0.0
+    parallel: Parallel = None
 
 
 class DistillStage(_Spec):
@@ -194,6 +201,7 @@ class DistillStage(_Spec):
     lr: PositiveNumber = 1e-3
     temperature: PositiveNumber = 4.0
     alpha: Weight = 0.9
+    parallel: Parallel = None
 
 
 class QuantizeStage(_Spec):

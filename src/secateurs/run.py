@@ -21,27 +21,27 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
 
 from .api import prune
 from .batches import LOSSES
-from .errors import FileProblem, InvalidArgument
 from .checkpoint import save
-from .io import build_model, check_output_dir, load_into, load_state, staged_output
+from .errors import FileProblem, InvalidArgument
 from .io import _encode as encode_state
+from .io import build_model, check_output_dir, load_into, load_state, staged_output
 from .measure import TIMING_FIELDS, measure
+from .provenance import versions
 from .quantize import measure_int8, quantize_int8, quantized_layers, save_int8
 from .recipe import Recipe, load_recipe
+from .recover.distributed import is_distributed, rank_output_dir, world
 from .recover.finetune import evaluate_accuracy, finetune
 from .structured import prune_structured, replay
 from .tracking import open_run_log, require_loggers
@@ -164,13 +164,6 @@ def config_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.to_config(), sort_keys=True).encode()).hexdigest()
 
 
-def versions() -> dict[str, str]:
-    from . import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "secateurs": __version__, "platform": platform.platform()}
-
-
 # ------------------------------------------------------------------------ stages
 
 def _prune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
@@ -210,15 +203,22 @@ def _prune_channels(p: Pipeline, options: Any, batches: list[Any],
     method = options.method or "l2"
     if options.allocation is None:
         return [prune_structured(p.model, p.data.example, options.ratio, target=options.target, method=method,
-                                 scope=options.scope or "local", data=batches, loss_fn=p.data.loss_fn,
+                                 scope=options.scope, units=options.units, data=batches,
+                                 loss_fn=p.data.loss_fn, round_to=options.round_to, max_ratio=options.max_ratio,
                                  ignore=options.ignore, seed=seed)], None
-    from .sensitivity import data_digest, mean_loss, prune_by_sensitivity_rounds, sensitivity
+    from .sensitivity import (
+        data_digest,
+        mean_loss_metric,
+        prune_by_sensitivity_rounds,
+        sensitivity,
+    )
 
     measured = []
 
     def measure(model: nn.Module) -> Any:
-        measured.append(sensitivity(model, p.data.example, mean_loss(batches, p.data.loss_fn), method=method,
-                                    ignore=options.ignore, data=batches, loss_fn=p.data.loss_fn,
+        measured.append(sensitivity(model, p.data.example, mean_loss_metric(batches, p.data.loss_fn), method=method,
+                                    ignore=options.ignore, units=options.units, round_to=options.round_to,
+                                    data=batches, loss_fn=p.data.loss_fn,
                                     higher_is_better=False, metric_name=f"{p.recipe.data.loss} loss",
                                     cache_dir=p.out_dir / "sensitivity",
                                     data_key=f"{p.recipe.data.loss}:{data_digest(batches)}", seed=seed))
@@ -232,7 +232,8 @@ def _finetune(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
     losses = []
     for epoch in range(options.epochs):   # a fresh order each epoch, fixed by the stage seed
         losses += finetune(p.model, p.data.shuffled(seed + epoch), epochs=1, lr=options.lr, loss_fn=p.data.loss_fn,
-                           optimizer=options.optimizer, weight_decay=options.weight_decay)
+                           optimizer=options.optimizer, weight_decay=options.weight_decay,
+                           parallel=options.parallel or "auto")
     return {"loss": losses}
 
 
@@ -242,7 +243,8 @@ def _distill(p: Pipeline, options: Any, seed: int) -> dict[str, Any]:
     losses, kd = [], []
     for epoch in range(options.epochs):
         history = distill(p.model, p.teacher, p.data.shuffled(seed + epoch), epochs=1, lr=options.lr,
-                          temperature=options.temperature, alpha=options.alpha, loss_fn=p.data.loss_fn)
+                          temperature=options.temperature, alpha=options.alpha, loss_fn=p.data.loss_fn,
+                          parallel=options.parallel or "auto")
         losses += history.loss
         kd += history.kd
     return {"loss": losses, "kd": kd}
@@ -421,6 +423,8 @@ def run_recipe(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, resum
     out = Path(out_dir)
     inputs = [recipe_path] + [f for f in (recipe.model.weights, recipe.data.calibration, recipe.data.evaluation) if f]
     check_output_dir(out, inputs, overwrite=resume)
+    if is_distributed():   # torchrun: every rank runs the stages, rank 0 alone writes `out` and logs
+        out, spec = rank_output_dir(out, resume), spec if world()[0] == 0 else None
     with _seeded(_stage_seed(recipe.seed, 0), recipe.threads):
         model, data = _inputs(recipe)
     digest = _digest(model, data)

@@ -22,6 +22,7 @@ anything. The predicted loss of an allocation is the sum of its groups' losses.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import contextlib
 import copy
 import hashlib
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from .batches import LossFn
-from .batches import mean_loss as batches_mean_loss
+from .batches import mean_loss
 from .criteria import Calibration, Criterion, get_criterion
 from .errors import IncompatibleLayer, InvalidArgument
 from .graph import trace
@@ -47,7 +48,8 @@ from .measure import graph_macs, total_parameters
 from .recover.finetune import evaluate_accuracy
 from .structured import BUDGETS, GRAPH_COSTS, SEARCH_STEPS, UNIT_KINDS, Budget, StructuredPlan, parse_target
 from .structured.apply import chosen_shapes, cut_model
-from .structured.units import Scored, choose_units, dense_macs, keeps_of, protect_members, score_model
+from .structured.options import check_options, resolve_round_to
+from .structured.units import Scored, choose_units, dense_macs, gemm_width, group_quanta, keeps_of, protect_members, score_model
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Bump when the cached record's meaning changes, so old files are recomputed rather than misread.
@@ -140,11 +142,11 @@ class Allocation:
 
 # ------------------------------------------------------------------------ evaluation helpers
 
-def mean_loss(batches: Iterable[Any], loss_fn: LossFn) -> Evaluate:
+def mean_loss_metric(batches: Iterable[Any], loss_fn: LossFn) -> Evaluate:
     """An evaluate function: the mean of `loss_fn(model(inputs), targets)` over (inputs, targets) batches."""
     batches = list(batches)
 
-    return lambda model: batches_mean_loss(model, batches, loss_fn)
+    return lambda model: mean_loss(model, batches, loss_fn)
 
 
 def top1_accuracy(batches: Iterable[Any], loss_fn: LossFn | None = None) -> Evaluate:
@@ -155,7 +157,7 @@ def top1_accuracy(batches: Iterable[Any], loss_fn: LossFn | None = None) -> Eval
 
 # Metric name -> (evaluate-function factory over batches and a loss, whether higher is better).
 METRICS: dict[str, tuple[Callable[[Iterable[Any], LossFn], Evaluate], bool]] = {
-    "loss": (mean_loss, False),
+    "loss": (mean_loss_metric, False),
     "accuracy": (top1_accuracy, True),
 }
 
@@ -223,7 +225,7 @@ MODES: dict[str, Callable[..., contextlib.AbstractContextManager[nn.Module]]] = 
 def _chosen(scored: Scored, ratios: dict[int, float], round_to: int | None) -> dict[int, list[int]]:
     """Group index -> positions removed when each group in `ratios` loses that fraction, as the cut chooses."""
     groups = [g for g in scored.groups if ratios.get(g.index, 0.0) > 0.0]
-    chosen = choose_units(scored.analysis, groups, scored.unit_scores, ratios, "local", round_to)
+    chosen = choose_units(scored.analysis, groups, scored.unit_scores, ratios, "local", group_quanta(scored, round_to))
     protect_members(scored.analysis, {g.index: g for g in groups}, chosen, scored.unit_scores, scored.unit_ids)
     return chosen
 
@@ -244,8 +246,7 @@ def _rank_scores(order: list[int], size: int) -> np.ndarray:
 
 
 def _replace_scores(scored: Scored, unit_scores: dict[int, np.ndarray]) -> Scored:
-    return Scored(scored.graph, scored.analysis, scored.groups, unit_scores, scored.macs, scored.params,
-                   scored.unit_ids)
+    return dataclasses.replace(scored, unit_scores=unit_scores)
 
 
 def _metric(evaluate: Evaluate, model: nn.Module) -> float:
@@ -344,11 +345,7 @@ def _check_options(evaluate: Any, mode: str, round_to: int | None, units: Sequen
         raise InvalidArgument(f"evaluate must be a function model -> metric, got {type(evaluate).__name__}")
     if mode not in MODES:
         raise InvalidArgument(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
-    bad = [u for u in units if u not in UNIT_KINDS]
-    if bad or not units:
-        raise InvalidArgument(f"units must be some of {UNIT_KINDS}, got {list(units)!r}")
+    check_options(units=units, round_to=round_to, require_one=False)
     if cache_dir is not None and not (isinstance(data_key, str) and data_key):
         raise InvalidArgument(f"cache_dir needs data_key (a non-empty string naming the evaluation data), got "
                               f"{data_key!r}: without it curves measured on other data could be reused")
@@ -386,6 +383,7 @@ def sensitivity(
     """
     grid = _check_grid(ratios)
     _check_options(evaluate, mode, round_to, units, cache_dir, data_key)
+    round_to = resolve_round_to(round_to, model)
     criterion = get_criterion(method, seed=seed)
     key = _cache_key(model, grid, criterion.name, units, ignore, mode, round_to, higher_is_better, data_key)
     path = _cache_file(cache_dir, key) if cache_dir is not None else None
@@ -455,7 +453,8 @@ def _traced(model: nn.Module, example_inputs: Any, curves: Sensitivity) -> Score
         groups.append(group)
     unit_scores = {c.index: _rank_scores(c.order, c.units) for c in curves.curves}
     return Scored(graph, analysis, groups, unit_scores, dense_macs(graph, model, example_inputs),
-                   total_parameters(model), {g.index: np.asarray(g.units, dtype=np.int64) for g in groups})
+                  total_parameters(model), {g.index: np.asarray(g.units, dtype=np.int64) for g in groups},
+                  {g.index: gemm_width(model, analysis, g) for g in groups})
 
 
 class _Costs:
@@ -639,5 +638,5 @@ def prune_by_sensitivity_rounds(model: nn.Module, example_inputs: Any, measure: 
 
 
 __all__ = ["ALLOCATIONS", "Allocation", "DEFAULT_RATIOS", "GroupCurve", "METRICS", "MODES", "Sensitivity",
-           "allocate", "data_digest", "mean_loss", "prune_by_sensitivity", "prune_by_sensitivity_rounds", "save_plot", "sensitivity", "top1_accuracy",
+           "allocate", "data_digest", "mean_loss_metric", "prune_by_sensitivity", "prune_by_sensitivity_rounds", "save_plot", "sensitivity", "top1_accuracy",
            "weights_digest"]

@@ -6,6 +6,10 @@ with no extra code. Unlike ``torch.nn.utils.prune`` there is no ``weight_orig`` 
 and no forward hook: the weight itself holds the zeros, and `keep_sparse` masks the
 gradient before each optimizer step and the weight after it, so momentum, Adam moments
 and weight decay never move a pruned weight.
+
+Under FSDP2 (`fully_shard`) a weight, its gradient and its optimizer state are DTensors
+holding one shard per rank while the mask stays a whole buffer on every rank; each
+in-place masking takes the mask's matching shard (`_like`), so nothing is gathered.
 """
 from __future__ import annotations
 
@@ -16,6 +20,11 @@ import torch
 from torch import nn
 
 from .errors import IncompatibleLayer, InvalidArgument
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:   # a torch built without distributed support
+    DTensor = distribute_tensor = None
 
 MASK_SUFFIX = "_prune_mask"
 _VERSION = "_prune_mask_versions"  # plain module attribute: param name -> times its mask changed
@@ -68,11 +77,20 @@ def masked_params(model: nn.Module) -> Iterator[MaskedParam]:
                 yield MaskedParam(full, module, param_name)
 
 
-def set_mask(module: nn.Module, param_name: str, mask: torch.Tensor) -> None:
+def _like(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`mask` laid out as `tensor`: its own shard of it when `tensor` is a sharded DTensor (FSDP2)."""
+    if DTensor is not None and isinstance(tensor, DTensor) and not isinstance(mask, DTensor):
+        # src_data_rank=None: every rank cuts its shard from its own copy, no communication
+        return distribute_tensor(mask, tensor.device_mesh, tensor.placements, src_data_rank=None)
+    return mask
+
+
+def set_mask(module: nn.Module, param_name: str, mask: torch.Tensor, replace: bool = False) -> None:
     """Attach `mask` to ``module.<param_name>`` and zero the weights it removes.
 
     Masks only grow: an existing mask is intersected with the new one, so a weight
-    pruned once stays pruned through iterative and gradual schedules.
+    pruned once stays pruned through iterative and gradual schedules. `replace=True`
+    takes `mask` as it is (a rank adopting rank 0's masks).
     """
     param = getattr(module, param_name)
     if mask.shape != param.shape:
@@ -81,12 +99,14 @@ def set_mask(module: nn.Module, param_name: str, mask: torch.Tensor) -> None:
     mask = mask.to(device=param.device, dtype=torch.bool)
     buffer_name = param_name + MASK_SUFFIX
     existing = module._buffers.get(buffer_name)
-    if existing is not None:
+    if existing is not None and replace:
+        existing.copy_(mask)
+    elif existing is not None:
         existing.logical_and_(mask)
     else:
         module.register_buffer(buffer_name, mask.clone(), persistent=True)
     with torch.no_grad():
-        param.mul_(getattr(module, buffer_name))
+        param.mul_(_like(getattr(module, buffer_name), param))
     versions = module.__dict__.setdefault(_VERSION, {})
     versions[param_name] = versions.get(param_name, 0) + 1
 
@@ -99,7 +119,7 @@ def apply_masks(model: nn.Module) -> None:
     """Zero every masked weight again (after a manual edit of the weights, say)."""
     with torch.no_grad():
         for mp in masked_params(model):
-            mp.param.mul_(mp.mask)
+            mp.param.mul_(_like(mp.mask, mp.param))
 
 
 def mask_grads(model: nn.Module) -> None:
@@ -107,7 +127,7 @@ def mask_grads(model: nn.Module) -> None:
     for mp in masked_params(model):
         grad = mp.param.grad
         if grad is not None:
-            grad.mul_(mp.mask)
+            grad.mul_(_like(mp.mask, grad))
 
 
 def finalize(model: nn.Module) -> int:
@@ -151,10 +171,10 @@ class SparsityKeeper:
                 if not self.every_step and self._seen.get(key) == version:
                     continue
                 mask = mp.mask
-                mp.param.mul_(mask)
+                mp.param.mul_(_like(mask, mp.param))
                 for value in self.optimizer.state.get(mp.param, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        value.mul_(mask)
+                        value.mul_(_like(mask, value))
                 self._seen[key] = version
 
     def remove(self) -> None:

@@ -133,6 +133,9 @@ def _take_grouped(module: nn.Module, name: str, local: torch.Tensor) -> None:
     into one block per group and each block keeps its own slice of dim 1.
     """
     groups, per = local.shape
+    if groups == 1:   # an ordinary conv: one index_select, cheaper than the general gather
+        _take(module, name, 1, local[0])
+        return
 
     def cut(t: torch.Tensor) -> torch.Tensor:
         blocked = t.reshape(groups, t.shape[0] // groups, *t.shape[1:])

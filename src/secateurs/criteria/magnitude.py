@@ -5,10 +5,16 @@ For single weights both rank alike; they differ once scores are summed over a gr
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..select import Target
 from .base import Calibration, Criterion, Scores
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """|w|: the one magnitude score, of the unstructured criteria and the LLM engine alike."""
+    return weight.abs()
 
 
 class L1Magnitude(Criterion):
@@ -16,7 +22,7 @@ class L1Magnitude(Criterion):
     summary = "|w|"
 
     def compute(self, model: nn.Module, targets: list[Target], calibration: Calibration) -> Scores:
-        return {t.name: t.param.detach().abs() for t in targets}
+        return {t.name: magnitude_scores(t.param.detach()) for t in targets}
 
 
 class L2Magnitude(Criterion):

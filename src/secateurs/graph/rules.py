@@ -473,7 +473,7 @@ def _attention_mask(links: Links, ctx: Context, op: OpNode, q: int, k: int) -> N
     A per-head bias (T5's relative positions, ALiBi) must lose the heads the queries lose.
     """
     mask = op.kwargs.get("attn_mask")
-    if mask is None and "efficient" in op.name and len(op.args) > 3:
+    if mask is None and any(k in op.name for k in ("efficient", "cudnn", "overrideable")) and len(op.args) > 3:
         mask = op.args[3]
     mask = _node(mask)
     if mask is None:
@@ -541,6 +541,8 @@ RULES: dict[str, Callable[[OpNode, Context], Links]] = {
     "cumsum": scan, "cumprod": scan, "cat": cat, "stack": stack,
     "native_batch_norm": batch_norm, "_native_batch_norm_legit_no_training": batch_norm,
     "_native_batch_norm_legit": batch_norm,
+    # the same op as traced for real on a GPU (a model whose forward cannot run on fake CPU tensors)
+    "cudnn_batch_norm": batch_norm, "miopen_batch_norm": batch_norm,
     "native_layer_norm": layer_norm, "_fused_rms_norm": rms_norm, "native_group_norm": group_norm,
     "mean": reduction, "sum": reduction, "amax": reduction, "amin": reduction,
     "max_pool2d_with_indices": pool, "max_pool1d_with_indices": pool, "avg_pool2d": pool,
@@ -549,6 +551,7 @@ RULES: dict[str, Callable[[OpNode, Context], Links]] = {
     "constant_pad_nd": pad, "embedding": embedding,
     "_scaled_dot_product_flash_attention_for_cpu": sdpa,
     "_scaled_dot_product_flash_attention": sdpa, "_scaled_dot_product_efficient_attention": sdpa,
+    "_scaled_dot_product_cudnn_attention": sdpa, "_scaled_dot_product_fused_attention_overrideable": sdpa,
     "_native_multi_head_attention": native_mha, "copy_": copy_,
 }
 

@@ -254,11 +254,24 @@ def _split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def fake_on_cpu(mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake of `tensor`'s shape, strides and dtype on the CPU, wherever the tensor lives.
+
+    The graph is then the same for a model on a GPU, another accelerator or the meta device
+    as for its CPU twin: device-specific kernels (cuDNN's batch norm, fused attention
+    variants) never appear, and nothing is allocated on the device.
+    """
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        return mode.from_tensor(tensor)
+    with mode:
+        return torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device="cpu")
+
+
 def _run(model: nn.Module, args: tuple, kwargs: dict, fake: bool) -> Graph:
     graph = Graph(fake=fake)
     stack: list[str] = []
     mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext()
-    convert = (lambda t: mode.from_tensor(t)) if fake else (lambda t: t)
+    convert = (lambda t: fake_on_cpu(mode, t)) if fake else (lambda t: t)
     recorder = _Recorder(graph, stack)
     state = {}
     for name, p in model.named_parameters(remove_duplicate=False):

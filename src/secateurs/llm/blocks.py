@@ -34,8 +34,11 @@ def _is_block_list(module: nn.Module) -> bool:
     return any(True for _ in children[0].parameters())
 
 
-def find_blocks(model: nn.Module) -> BlockLayout:
-    """The ModuleList of repeated blocks of `model` (HF LLaMA/GPT-2/BERT/ViT/MiniLM, else the longest)."""
+def find_block_layout(model: nn.Module) -> BlockLayout:
+    """The ModuleList of repeated blocks of `model` (HF LLaMA/GPT-2/BERT/ViT/MiniLM, else the longest).
+
+    Found by path suffix, not by probing a forward pass (that is `secateurs.blocks.find_blocks`).
+    """
     lists = {name: m for name, m in model.named_modules() if name and _is_block_list(m)}
     for suffix in _KNOWN_PATHS:
         # the shortest matching path is the outer one (a wrapper's own model, not a nested list);
@@ -52,16 +55,11 @@ def find_blocks(model: nn.Module) -> BlockLayout:
     return BlockLayout(name, lists[name])
 
 
-def is_linear(module: nn.Module) -> bool:
-    """True for nn.Linear and transformers' Conv1D (GPT-2), the layers the engine prunes."""
-    return is_linear_like(module)
-
-
 def block_linears(block: nn.Module, prefix: str = "", ignore: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Full name -> linear of every prunable linear in `block`, minus those matching `ignore` globs."""
     found = {}
     for local, module in block.named_modules():
-        if not is_linear(module):
+        if not is_linear_like(module):
             continue
         full = prefix + local
         if any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(local, p) for p in ignore):

@@ -5,7 +5,8 @@ receives (hidden states plus attention mask, position ids, rotary embeddings ...
 for each block in turn, collect the statistics of its linears from those inputs, prune
 them in place, and run the pruned block to get the next block's inputs. Only one block's
 inputs and one block's statistics are in memory at a time, and block k+1 sees the outputs
-of the already-pruned block k.
+of the already-pruned block k. (The walk over the whole model, with each block onloaded
+to the device in turn, is `sequential.prune_llm`.)
 
 With `true_sequential`, a block is pruned in stages: its linears are grouped by the input
 tensor they read (q/k/v, then o, then up/gate, then down in LLaMA), and each group's
@@ -13,8 +14,8 @@ statistics are collected after every earlier group has been pruned.
 
 Prunable layers are nn.Linear and transformers' Conv1D (GPT-2, weight stored [in, out]);
 methods see every weight as [out, in]. Padding tokens (attention_mask == 0) are left out
-of the statistics. The methods live one per module (magnitude, wanda, sparsegpt) and are
-picked through METHODS; OWL's block ratios come from owl.py.
+of the statistics. The methods live one per module (magnitude, wanda, sparsegpt) and
+register themselves in METHODS with `register_method`; this module never imports them.
 """
 from __future__ import annotations
 
@@ -28,31 +29,40 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..batches import eval_mode
+from ..batches import eval_mode, to_device
 from ..errors import IncompatibleLayer, InvalidArgument, MissingData
-from ..layers import weight_out_in
+from ..layers import is_linear_like, weight_out_in
+from ..plans import PlanRecord
 from ..sparsity import parse_pattern
-from . import magnitude, sparsegpt, wanda
-from .blocks import BlockLayout, block_linears, find_blocks, is_linear
+from .blocks import BlockLayout, block_linears
 from .stats import LayerStats
 
 PruneFn = Callable[[torch.Tensor, "LayerStats | None", "LLMConfig", str], "tuple[torch.Tensor, str]"]
+STATISTICS = (None, "norms", "hessian")
 
 
 @dataclass(frozen=True)
 class Method:
     """A pruning method: the statistic it needs from the calibration inputs, and its prune step."""
 
-    statistic: str | None  # None (weights only), "norms" or "hessian"
+    statistic: str | None  # None (weights only: no calibration pass), "norms" or "hessian"
     prune: PruneFn
 
 
-METHODS: dict[str, Method] = {
-    "magnitude": Method(None, magnitude.prune),
-    "wanda": Method("norms", wanda.prune),
-    "sparsegpt": Method("hessian", sparsegpt.prune),
-}
+# name -> Method, filled by the method modules as they are imported (secateurs.llm imports them all)
+METHODS: dict[str, Method] = {}
 _COMPARE = ("row", "layer")
+
+
+def register_method(name: str, statistic: str | None) -> Callable[[PruneFn], PruneFn]:
+    """Decorator: make the prune step it wraps the LLM method `name`, fed `statistic`."""
+    if statistic not in STATISTICS:
+        raise InvalidArgument(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+
+    def register(prune: PruneFn) -> PruneFn:
+        METHODS[name] = Method(statistic, prune)
+        return prune
+    return register
 
 
 @dataclass
@@ -62,14 +72,16 @@ class LLMConfig:
     method: str = "wanda"              # "magnitude" | "wanda" | "sparsegpt"
     sparsity: float = 0.5              # ignored when `pattern` is given
     pattern: str | None = None         # "2:4", "4:8": keep N of every M along the input dim
-    true_sequential: bool = True
+    true_sequential: bool = False      # re-collect statistics after each group of a block (slower)
     owl: float | None = None           # OWL lambda (outlier-weighted block ratios), None = uniform
     blocksize: int = 128               # SparseGPT lazy-update block
     damp: float = 0.01                 # SparseGPT damping, fraction of mean(diag H)
     ignore: tuple[str, ...] = ()       # glob patterns of linear names left dense
     compare: str = "row"               # magnitude / wanda: compare scores per output "row" or per "layer"
     owl_m: float = 5.0                 # OWL outlier threshold: M times the layer's mean score
-    measure_error: bool = True         # one extra block pass to report ||WX - W'X||^2 per layer
+    measure_error: bool = False        # report ||WX - W'X||^2 per layer (one more pass per block)
+    device: str | None = None          # where each block is pruned, onloaded in turn; None: where it is
+    offload_inputs: bool = False       # keep the calibration activations on the CPU, one batch at a time on device
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -95,13 +107,19 @@ class LayerReport:
 
 
 @dataclass
-class LLMPlan:
+class LLMPlan(PlanRecord):
     """What prune_llm did: the config, one report per pruned linear, the block ratios, the time."""
 
     config: LLMConfig
     layers: list[LayerReport]
     seconds: float
     block_sparsity: list[float] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block: load, prune, run, unload
+
+    def summary(self) -> dict[str, str]:
+        mean = sum(r.sparsity for r in self.layers) / len(self.layers) if self.layers else 0.0
+        return {"method": self.config.method, "layers pruned": str(len(self.layers)),
+                "mean sparsity": f"{mean:.1%}", "seconds": f"{self.seconds:.1f}"}
 
 
 @dataclass
@@ -117,6 +135,11 @@ class BlockInputs:
     def batch(self, i: int) -> BlockInputs:
         """The inputs of batch `i` alone."""
         return BlockInputs(self.hidden[i:i + 1], self.args[i:i + 1], self.kwargs[i:i + 1], self.tokens[i:i + 1])
+
+    def to(self, device: torch.device | str) -> BlockInputs:
+        """The same inputs, every tensor on `device`."""
+        return BlockInputs(to_device(self.hidden, device), to_device(self.args, device),
+                           to_device(self.kwargs, device), to_device(self.tokens, device))
 
 
 # ------------------------------------------------------------------ checking the config
@@ -142,6 +165,25 @@ def check_config(config: LLMConfig) -> None:
                               f"got owl={config.owl!r}, pattern={config.pattern!r}")
     if isinstance(config.ignore, str):
         raise InvalidArgument(f"ignore must be a tuple of glob patterns, got the string {config.ignore!r}")
+    if config.device is not None:
+        check_device(config.device)
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device, or InvalidArgument when it is malformed or absent here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgument(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if parsed.type == "meta":
+        raise InvalidArgument("device='meta' holds no data; prune on 'cpu' or an accelerator such as 'cuda'")
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if parsed.type != "cpu" and (available is None or not available()):
+        raise InvalidArgument(f"device {device!r} is not available on this machine")
+    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= backend.device_count():
+        raise InvalidArgument(f"device {device!r} does not exist: this machine has {backend.device_count()}")
+    return parsed
 
 
 def make_config(config: LLMConfig | None = None, **overrides: Any) -> LLMConfig:
@@ -154,6 +196,8 @@ def make_config(config: LLMConfig | None = None, **overrides: Any) -> LLMConfig:
         raise InvalidArgument(f"config must be an LLMConfig, got {type(config).__name__}")
     config = dataclasses.replace(config or LLMConfig(), **overrides)
     config.ignore = tuple(config.ignore) if not isinstance(config.ignore, str) else config.ignore
+    if isinstance(config.device, torch.device):
+        config.device = str(config.device)
     check_config(config)
     return config
 
@@ -266,16 +310,26 @@ def _hidden_of(output: Any) -> torch.Tensor:
                             f"whose first item is the hidden state")
 
 
+def block_device(block: nn.Module) -> torch.device:
+    """Where `block` runs: the device of its first parameter."""
+    return next(block.parameters()).device
+
+
 def _forward_all(block: nn.Module, inputs: BlockInputs) -> Iterator[torch.Tensor]:
-    """The block's hidden output on each batch, one at a time."""
+    """The block's hidden output on each batch, one at a time, each batch moved to the block's device."""
+    device = block_device(block)
     with torch.no_grad(), eval_mode(block):
         for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
-            yield _hidden_of(block(hidden, *args, **kwargs))
+            yield _hidden_of(block(hidden.to(device), *to_device(args, device), **to_device(kwargs, device)))
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-    """Run `block` on every batch; its outputs (with the same extra args) feed the next block."""
-    return BlockInputs(list(_forward_all(block, inputs)), inputs.args, inputs.kwargs, inputs.tokens)
+    """Run `block` on every batch; its outputs (with the same extra args) feed the next block.
+
+    Each output is kept where its input was (the CPU when the activations are offloaded).
+    """
+    outputs = [out.to(hidden.device) for out, hidden in zip(_forward_all(block, inputs), inputs.hidden)]
+    return BlockInputs(outputs, inputs.args, inputs.kwargs, inputs.tokens)
 
 
 @contextmanager
@@ -298,7 +352,7 @@ def _run_with_hooks(block: nn.Module, inputs: BlockInputs, modules: Mapping[str,
         tokens = inputs.tokens[i] if i < len(inputs.tokens) else None
 
         def real(name: str, x: torch.Tensor, tokens: torch.Tensor | None = tokens) -> None:
-            seen(name, x[tokens] if tokens is not None and x.shape[:2] == tokens.shape else x)
+            seen(name, x[tokens.to(x.device)] if tokens is not None and x.shape[:2] == tokens.shape else x)
 
         with _input_hooks(modules, real):
             for _ in _forward_all(block, inputs.batch(i)):
@@ -332,14 +386,9 @@ def linear_groups(block: nn.Module, inputs: BlockInputs, linears: Mapping[str, n
 
 # ------------------------------------------------------------------ statistics and pruning of linears
 
-def weight_rows(module: nn.Module) -> torch.Tensor:
-    """The weight as [out, in]: a view, transposed for transformers' Conv1D ([in, out])."""
-    return weight_out_in(module)
-
-
 def new_stats(module: nn.Module, config: LLMConfig) -> LayerStats:
     """Empty statistics for `module`, with a Hessian when the method needs one."""
-    return LayerStats(weight_rows(module).shape[1], with_hessian=METHODS[config.method].statistic == "hessian")
+    return LayerStats(weight_out_in(module).shape[1], with_hessian=METHODS[config.method].statistic == "hessian")
 
 
 def collect_stats(block: nn.Module, inputs: BlockInputs, linears: Mapping[str, nn.Module],
@@ -353,9 +402,9 @@ def collect_stats(block: nn.Module, inputs: BlockInputs, linears: Mapping[str, n
 def prune_linear(module: nn.Module, stats: LayerStats | None, config: LLMConfig,
                  name: str = "linear") -> tuple[torch.Tensor, str]:
     """Prune one linear in place; return its dense weight ([out, in], float) and the method's note."""
-    if not is_linear(module):
+    if not is_linear_like(module):
         raise IncompatibleLayer(f"{name} is a {type(module).__name__}, not a Linear or Conv1D")
-    rows = weight_rows(module)
+    rows = weight_out_in(module)
     dense = rows.detach().float().clone()
     if stats is not None and stats.tokens == 0:
         stats = None
@@ -390,28 +439,41 @@ def _prune_group(linears: Mapping[str, nn.Module], stats: Mapping[str, LayerStat
         start = time.perf_counter()
         dense, note = prune_linear(module, stats.get(name), config, name)
         seconds = time.perf_counter() - start
-        rows = weight_rows(module).detach()
+        rows = weight_out_in(module).detach()
         reports.append(LayerReport(name, int((rows == 0).sum()) / rows.numel(), float("nan"), seconds, note))
         if config.measure_error:
             errors.delta[name] = dense - rows.float()
     return reports
 
 
-def prune_block(block: nn.Module, inputs: BlockInputs, config: LLMConfig, prefix: str = "") -> list[LayerReport]:
+def needs_inputs(config: LLMConfig) -> bool:
+    """Whether pruning a block with `config` runs it on its calibration inputs at all."""
+    return METHODS[config.method].statistic is not None or config.measure_error
+
+
+def prune_block(block: nn.Module, inputs: BlockInputs | None, config: LLMConfig,
+                prefix: str = "") -> list[LayerReport]:
     """Prune every Linear / Conv1D of `block` in place from its calibration inputs; one report each.
 
     Weights are zeroed (and, for SparseGPT, updated); no mask buffers are added, so a
-    `save_pretrained` folder reloads in plain transformers.
+    `save_pretrained` folder reloads in plain transformers. A method that needs no
+    statistics (magnitude), with `measure_error` off, runs no forward pass: `inputs` may be None.
     """
     check_config(config)
     linears = block_linears(block, prefix, config.ignore)
     if not linears or config.target == 0:
         return []
+    if not needs_inputs(config):
+        return _prune_group(linears, {}, config, _Errors())
+    if inputs is None:
+        raise MissingData(f"method {config.method!r} (measure_error={config.measure_error}) needs the block's "
+                          f"calibration inputs")
     groups = linear_groups(block, inputs, linears) if config.true_sequential else [list(linears)]
     needs_stats = METHODS[config.method].statistic is not None
     errors = _Errors()
     reports: dict[str, LayerReport] = {}
-    for group in [*groups, []]:  # the empty last group: one more pass, to measure the last errors
+    # the empty last group: one more pass, to measure the last group's errors (only when measured)
+    for group in [*groups, *([[]] if config.measure_error else [])]:
         stats = {n: new_stats(linears[n], config) for n in group} if needs_stats else {}
         watched = {n: linears[n] for n in [*stats, *errors.delta]}
         if watched:
@@ -427,9 +489,67 @@ def prune_block(block: nn.Module, inputs: BlockInputs, config: LLMConfig, prefix
     return [reports[n] for n in linears]
 
 
-# ------------------------------------------------------------------ the whole model
+# ------------------------------------------------------------------ onloading, block by block
 
-def _as_list(batches: Iterable[Any]) -> list[Any]:
+@contextmanager
+def onloaded(block: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
+    """`block` moved to `device` for the duration, then back where it was (no move for None)."""
+    if device is None:
+        yield block
+        return
+    home = block_device(block)
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
+Visit = Callable[[int, nn.Module, "BlockInputs | None"], None]
+
+
+def walk_blocks(layout: BlockLayout, inputs: BlockInputs | None, visit: Visit, device: str | None = None,
+                load: Callable[[int], None] | None = None, unload: Callable[[int], None] | None = None) -> list[float]:
+    """For each block in turn: load(i), onload it to `device`, visit(i, block, inputs), run it for the
+    next block's inputs (when there are inputs), offload it, unload(i).
+
+    On the device there is one block at a time, with its inputs (or, when `inputs` live on
+    the CPU, one batch of them at a time). Returns the seconds each block took.
+    """
+    last = len(layout.blocks) - 1
+    seconds = []
+    for i, block in enumerate(layout.blocks):
+        start = time.perf_counter()
+        if load is not None:
+            load(i)
+        with onloaded(block, device):
+            visit(i, block, inputs)
+            if inputs is not None and i < last:
+                inputs = run_block(block, inputs)
+        if unload is not None:
+            unload(i)
+        _synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _synchronize(device: str | None) -> None:
+    """Wait for the device's queued work, so a block's time is its own (CPU work is synchronous)."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+def place_inputs(inputs: BlockInputs, config: LLMConfig) -> BlockInputs:
+    """The captured inputs where the walk keeps them: on the device, unless offloaded (or no device)."""
+    return inputs.to(config.device) if config.device is not None and not config.offload_inputs else inputs
+
+
+def as_batch_list(batches: Iterable[Any] | None) -> list[Any]:
+    """The calibration batches as a list (one tensor or dict is one batch; None is none)."""
+    if batches is None:
+        return []
     if isinstance(batches, (torch.Tensor, Mapping)):
         return [batches]
     try:
@@ -437,36 +557,3 @@ def _as_list(batches: Iterable[Any]) -> list[Any]:
     except TypeError:
         raise InvalidArgument(f"batches must be a list of token-id tensors or of dicts, "
                               f"got {type(batches).__name__}") from None
-
-
-def prune_llm(model: nn.Module, batches: Iterable[Any], config: LLMConfig | None = None,
-              **overrides: Any) -> LLMPlan:
-    """Prune `model` block by block from calibration `batches`; block k+1 sees the pruned block k.
-
-    `batches`: a list of LongTensor[B, L] token ids or of dict(input_ids=..., attention_mask=...).
-    Keyword `overrides` replace fields of `config` (see LLMConfig).
-    """
-    config = make_config(config, **overrides)
-    if not isinstance(model, nn.Module):
-        raise InvalidArgument(f"model must be a torch nn.Module, got {type(model).__name__}")
-    batches = _as_list(batches)
-    if not batches:
-        raise MissingData("prune_llm needs at least one calibration batch, got an empty list")
-    start = time.perf_counter()
-    layout = find_blocks(model)
-    ratios = [config.sparsity] * len(layout.blocks)
-    if config.owl is not None:
-        from .owl import (
-            owl_sparsities,  # owl runs the engine itself, so it imports this module
-        )
-        ratios = owl_sparsities(model, batches, config, layout)
-    reports: list[LayerReport] = []
-    with cache_off(model):
-        inputs = capture_inputs(model, layout, batches)
-        for i, block in enumerate(layout.blocks):
-            block_config = dataclasses.replace(config, sparsity=ratios[i])
-            reports += prune_block(block, inputs, block_config, prefix=f"{layout.blocks_path}.{i}.")
-            if i + 1 < len(layout.blocks):
-                inputs = run_block(block, inputs)
-    block_sparsity = ratios if config.pattern is None else [config.target] * len(ratios)
-    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity)

@@ -1,19 +1,20 @@
-"""Magnitude pruning for LLM linears: drop the smallest |W|, per output row or per layer."""
-from __future__ import annotations
+"""Magnitude pruning for LLM linears: drop the smallest |W|, per output row or per layer.
 
-from typing import TYPE_CHECKING
+Needs no calibration data: the engine runs no forward pass for it.
+"""
+from __future__ import annotations
 
 import torch
 
-from .masks import keep_mask
+from ..allocate import keep_mask
+from ..criteria.magnitude import magnitude_scores
+from .engine import LLMConfig, register_method
 from .stats import LayerStats
 
-if TYPE_CHECKING:
-    from .engine import LLMConfig
 
-
-def prune(weight: torch.Tensor, stats: LayerStats | None, config: "LLMConfig",
+@register_method("magnitude", statistic=None)
+def prune_magnitude(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
           name: str) -> tuple[torch.Tensor, str]:
     """Return `weight` ([out, in]) with its smallest magnitudes zeroed, and an empty note."""
-    keep = keep_mask(weight.abs(), config.sparsity, config.nm, config.compare, name)
+    keep = keep_mask(magnitude_scores(weight), config.sparsity, config.nm, config.compare, name)
     return weight * keep, ""

@@ -19,16 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..criteria.wanda import wanda_scores
+from ..layers import weight_out_in
 from .blocks import BlockLayout, block_linears
-from .engine import (
-    LLMConfig,
-    cache_off,
-    capture_inputs,
-    collect_stats,
-    run_block,
-    weight_rows,
-)
-from .wanda import scores
+from .engine import LLMConfig, cache_off, capture_inputs, collect_stats, place_inputs, walk_blocks
 
 
 def outlier_ratio(block: nn.Module, inputs: Any, config: LLMConfig, prefix: str = "") -> float:
@@ -39,7 +33,7 @@ def outlier_ratio(block: nn.Module, inputs: Any, config: LLMConfig, prefix: str 
     for name, module in linears.items():
         if stats[name].tokens == 0:
             continue
-        s = scores(weight_rows(module).detach().float(), stats[name])
+        s = wanda_scores(weight_out_in(module).detach().float(), stats[name].norms)
         outliers += int((s > config.owl_m * s.mean()).sum())
         total += s.numel()
     return outliers / total if total else 0.0
@@ -55,12 +49,13 @@ def spread(ratios: list[float], sparsity: float, lam: float) -> list[float]:
 
 
 def owl_sparsities(model: nn.Module, batches: list[Any], config: LLMConfig, layout: BlockLayout) -> list[float]:
-    """One sparsity per block from the dense model's outliers, mean `config.sparsity`."""
-    ratios = []
+    """One sparsity per block from the dense model's outliers, mean `config.sparsity`.
+
+    Each block is onloaded to `config.device` in turn, as in the pruning pass.
+    """
+    ratios: list[float] = []
     with cache_off(model):
-        inputs = capture_inputs(model, layout, batches)
-        for i, block in enumerate(layout.blocks):
-            ratios.append(outlier_ratio(block, inputs, config, prefix=f"{layout.blocks_path}.{i}."))
-            if i + 1 < len(layout.blocks):
-                inputs = run_block(block, inputs)
+        inputs = place_inputs(capture_inputs(model, layout, batches), config)
+        walk_blocks(layout, inputs, lambda i, block, block_inputs: ratios.append(
+            outlier_ratio(block, block_inputs, config, prefix=f"{layout.blocks_path}.{i}.")), config.device)
     return spread(ratios, config.sparsity, config.owl)

@@ -22,8 +22,6 @@ Nothing is written unless the whole run succeeds, and the input folder is only r
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,16 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import check_ratio, resolve_sparsity
+from ..api import resolve_sparsity
 from ..criteria import get_criterion
 from ..errors import FileProblem, InvalidArgument, MissingData
 from ..io import check_output_dir, staged_output
-from ..structured import UNIT_KINDS, parse_target
-from .blocks import find_blocks
-from .engine import LLMConfig, make_config
+from ..provenance import versions
+from ..structured import UNIT_KINDS
+from ..structured.options import check_options
+from .blocks import find_block_layout
+from .engine import LLMConfig, make_config, needs_inputs
+from .records import config_summary, config_summary_of, report_markdown, write_records
+from .sequential import prune_llm
 
-METRICS_FILE = "metrics.json"
-REPORT_FILE = "report.md"
 DEFAULT_STRUCTURED_METHOD = "l2"
 DEFAULT_METHOD = "wanda"
 Stage = Callable[[str], None]
@@ -62,6 +62,10 @@ class CheckpointOptions:
     owl: float | None = None           # OWL lambda: non-uniform block sparsities, same mean
     eval_file: str | None = None       # held-out text: perplexity (causal LM) or embedding cosine (encoder)
     stream: bool = False               # stream the weights from the shards (llm.stream)
+    device: str | None = None          # unstructured: prune each block on this device ("cuda"), onloaded in turn
+    offload_inputs: bool = False       # unstructured: calibration activations stay on the CPU, a batch at a time
+    true_sequential: bool = False      # unstructured: re-collect statistics after each group of a block
+    measure_error: bool = False        # unstructured: report ||WX - W'X||^2 per layer (one more pass per block)
     structured: bool = False           # remove heads / channels / layers instead of zeroing weights
     ratio: float | None = None         # structured: fraction of each head / channel group removed
     target: str | None = None          # structured: "macs=0.5" or "params=0.7"
@@ -113,7 +117,7 @@ def _refuse(options: CheckpointOptions, names: Sequence[str], why: str) -> None:
 
 
 _STRUCTURED_ONLY = ("ratio", "target", "units", "compensate", "drop_layers")
-_UNSTRUCTURED_ONLY = ("sparsity", "pattern", "owl")
+_UNSTRUCTURED_ONLY = ("sparsity", "pattern", "owl", "device", "offload_inputs", "true_sequential", "measure_error")
 
 
 def _check_unstructured(options: CheckpointOptions) -> None:
@@ -137,21 +141,13 @@ def _check_structured(options: CheckpointOptions) -> None:
     if options.stream:
         raise InvalidArgument("stream=True streams weights for unstructured pruning; structured pruning "
                               "(--structured) needs the whole model in memory")
-    if options.ratio is not None and options.target is not None:
-        raise InvalidArgument(f"give ratio or target, not both (got ratio={options.ratio}, target={options.target!r})")
     drop = options.drop_layers
     if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
         raise InvalidArgument(f"drop_layers must be an integer >= 0, got {drop!r}")
     if options.ratio is None and options.target is None and not drop:
         raise InvalidArgument("structured pruning needs ratio (e.g. 0.25), target (e.g. 'macs=0.6') "
                               "or drop_layers (e.g. 2)")
-    if options.ratio is not None:
-        check_ratio("ratio", options.ratio)
-    if options.target is not None:
-        parse_target(options.target)
-    bad = [u for u in options.units if u not in UNIT_KINDS] or ([] if options.units else ["(none)"])
-    if bad:
-        raise InvalidArgument(f"units must be some of {UNIT_KINDS}, got {bad[0]!r}")
+    check_options(ratio=options.ratio, target=options.target, units=options.units, require_one=False)
     if options.compensate and options.ratio is None and options.target is None:
         raise InvalidArgument("compensate=True folds the inputs of removed heads / channels into biases; "
                               "it needs ratio or target")
@@ -172,13 +168,23 @@ def llm_config(options: CheckpointOptions, sparsity: float | None = None) -> LLM
     """The engine config the unstructured options describe."""
     sparsity = resolve_sparsity(options.sparsity, options.pattern)[0] if sparsity is None else sparsity
     return LLMConfig(method=options.method or DEFAULT_METHOD, sparsity=sparsity, pattern=options.pattern,
-                     owl=options.owl, ignore=options.ignore)
+                     owl=options.owl, ignore=options.ignore, device=options.device,
+                     offload_inputs=options.offload_inputs, true_sequential=options.true_sequential,
+                     measure_error=options.measure_error)
+
+
+def needs_calibration(options: CheckpointOptions) -> bool:
+    """Whether the run uses calibration windows at all (magnitude alone needs none)."""
+    if options.mode == "structured":
+        return True
+    config = llm_config(options)
+    return needs_inputs(config) or config.owl is not None
 
 
 # ------------------------------------------------------------------ checking the files
 
 def _check_folders(path: str | Path, out: str | Path, options: CheckpointOptions,
-                   calib: str | Path) -> tuple[Path, Path]:
+                   calib: str | Path | None) -> tuple[Path, Path]:
     """The model folder and the output folder, checked; raises before anything is loaded."""
     source = Path(path)
     if not source.is_dir():
@@ -188,8 +194,18 @@ def _check_folders(path: str | Path, out: str | Path, options: CheckpointOptions
     target = Path(out).resolve()
     if target == source.resolve() or source.resolve() in target.parents:
         raise FileProblem(f"output directory {str(out)!r} is the model folder or inside it; write it elsewhere")
-    inputs = [source, calib] + ([options.eval_file] if options.eval_file else [])
+    inputs = [source] + ([calib] if calib is not None else []) + ([options.eval_file] if options.eval_file else [])
     return source, check_output_dir(target, inputs, overwrite=options.overwrite)
+
+
+def _check_calib(calib: str | Path | None, options: CheckpointOptions) -> None:
+    """Raise unless the calibration file is given and has text, when the run uses it."""
+    if calib is None:
+        if needs_calibration(options):
+            raise MissingData(f"method {options.method!r} needs calibration text (CLI: --calib FILE); only "
+                              f"magnitude pruning, without owl or measure_error, runs without")
+        return
+    _check_text(calib, "calibration")
 
 
 def _check_text(path: str | Path, what: str) -> None:
@@ -240,11 +256,13 @@ def load_model(source: Path) -> tuple[nn.Module, bool]:
     return model.eval(), type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
-def calibration(tokenizer: Any, calib: str | Path, options: CheckpointOptions,
+def calibration(tokenizer: Any, calib: str | Path | None, options: CheckpointOptions,
                 max_positions: int | None) -> list[dict[str, torch.Tensor]]:
-    """The seeded calibration windows, checked against the model's context length."""
+    """The seeded calibration windows, checked against the model's context length (none when unused)."""
     from .data import calibration_windows
 
+    if not needs_calibration(options):
+        return []
     if max_positions and options.seqlen > max_positions:
         raise InvalidArgument(f"seqlen={options.seqlen} is longer than the model's context "
                               f"(max_position_embeddings={max_positions})")
@@ -350,8 +368,6 @@ class Pruned:
 
 def _prune_unstructured(model: nn.Module, windows: list[dict[str, torch.Tensor]],
                         options: CheckpointOptions) -> Pruned:
-    from .engine import prune_llm
-
     plan = prune_llm(model, windows, llm_config(options))
     return Pruned(_llm_record(plan), [layer.name for layer in plan.layers])
 
@@ -359,11 +375,12 @@ def _prune_unstructured(model: nn.Module, windows: list[dict[str, torch.Tensor]]
 def _llm_record(plan: Any) -> dict[str, Any]:
     layers = {r.name: {"sparsity": r.sparsity, "error": None if r.error != r.error else r.error,
                        "seconds": round(r.seconds, 4)} for r in plan.layers}
-    return {"engine_seconds": round(plan.seconds, 3), "block_sparsity": list(plan.block_sparsity), "layers": layers}
+    return {"engine_seconds": round(plan.seconds, 3), "block_sparsity": list(plan.block_sparsity),
+            "block_seconds": [round(s, 3) for s in plan.block_seconds], "layers": layers}
 
 
 def _block_names(model: nn.Module) -> tuple[str, list[str]]:
-    layout = find_blocks(model)
+    layout = find_block_layout(model)
     return layout.blocks_path, [f"{layout.blocks_path}.{i}" for i in range(len(layout.blocks))]
 
 
@@ -424,7 +441,7 @@ def _max_positions(config: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def prune_hf_model(model: nn.Module, tokenizer: Any, calib: str | Path, options: CheckpointOptions | None = None,
+def prune_hf_model(model: nn.Module, tokenizer: Any, calib: str | Path | None, options: CheckpointOptions | None = None,
                    **overrides: Any) -> Pruned:
     """Prune a Hugging Face model already in memory, in place, from a calibration text file; returns what was done.
 
@@ -434,7 +451,7 @@ def prune_hf_model(model: nn.Module, tokenizer: Any, calib: str | Path, options:
     options = make_options(options, **overrides)
     if options.stream:
         raise InvalidArgument("stream=True streams a checkpoint from its folder: use prune_checkpoint")
-    _check_text(calib, "calibration")
+    _check_calib(calib, options)
     windows = calibration(tokenizer, calib, options, _max_positions(model.config))
     return PRUNERS[options.mode](model, windows, options)
 
@@ -462,20 +479,23 @@ class _Clock:
         return {**self.seconds, "total": round(time.perf_counter() - self.start, 3)}
 
 
-def prune_checkpoint(path: str | Path, out: str | Path, calib: str | Path, options: CheckpointOptions | None = None,
-                     *, on_stage: Stage | None = None, **overrides: Any) -> dict[str, Any]:
+def prune_checkpoint(path: str | Path, out: str | Path, calib: str | Path | None,
+                     options: CheckpointOptions | None = None, *, on_stage: Stage | None = None,
+                     **overrides: Any) -> dict[str, Any]:
     """Prune the Hugging Face model folder `path` into `out`; returns the metrics (also in out/metrics.json).
 
     `calib` is a plain text or JSONL file, tokenized with the folder's tokenizer into
     `calib_windows` seeded windows of `seqlen` tokens. Keyword `overrides` set fields
     of `options` (see CheckpointOptions), e.g. `method="sparsegpt", pattern="2:4"` or
-    `structured=True, ratio=0.25, compensate=True, drop_layers=1`. Everything runs
-    offline (`local_files_only`). `out` gets the pruned model and tokenizer as a
-    `save_pretrained` folder, `metrics.json` and `report.md`, all or nothing.
+    `structured=True, ratio=0.25, compensate=True, drop_layers=1`; `device="cuda"` prunes
+    each block there in turn while the model stays on the CPU (or streams, `stream=True`).
+    Magnitude needs no calibration: `calib` may be None. Everything runs offline
+    (`local_files_only`). `out` gets the pruned model and tokenizer as a `save_pretrained`
+    folder, `metrics.json` and `report.md`, all or nothing.
     """
     options = make_options(options, **overrides)
     source, target = _check_folders(path, out, options, calib)
-    _check_text(calib, "calibration")
+    _check_calib(calib, options)
     if options.eval_file is not None:
         _check_text(options.eval_file, "evaluation")
     clock = _Clock(on_stage)
@@ -486,14 +506,17 @@ def prune_checkpoint(path: str | Path, out: str | Path, calib: str | Path, optio
     return metrics
 
 
-def _run_in_memory(source: Path, target: Path, calib: str | Path, options: CheckpointOptions,
+def _run_in_memory(source: Path, target: Path, calib: str | Path | None, options: CheckpointOptions,
                    clock: _Clock) -> dict[str, Any]:
     with clock.stage("load", f"loading {source}"):
         tokenizer = load_tokenizer(source)
         model, causal = load_model(source)
         loaded = Loaded(model, tokenizer, causal)
-    with clock.stage("calibration", "tokenizing the calibration text"):
-        windows = calibration(tokenizer, calib, options, _max_positions(model.config))
+    if needs_calibration(options):
+        with clock.stage("calibration", "tokenizing the calibration text"):
+            windows = calibration(tokenizer, calib, options, _max_positions(model.config))
+    else:
+        windows = []
     evaluation = quality = None
     if options.eval_file is not None:
         with clock.stage("eval", "evaluating the dense model"):
@@ -510,8 +533,8 @@ def _run_in_memory(source: Path, target: Path, calib: str | Path, options: Check
         with clock.stage("save", f"saving to {target}"):
             saved_as = _save(loaded, stage, pruned, options)
         metrics = _metrics(source, target, calib, options, type(model).__name__, causal, saved_as, before, after,
-                           pruned, quality, clock, _config_summary(model))
-        _write_records(stage, metrics)
+                           pruned, quality, clock, config_summary(model))
+        write_records(stage, metrics)
     return metrics
 
 
@@ -526,7 +549,7 @@ def _save(loaded: Loaded, stage: Path, pruned: Pruned, options: CheckpointOption
     return "transformers"
 
 
-def _run_stream(source: Path, target: Path, calib: str | Path, options: CheckpointOptions,
+def _run_stream(source: Path, target: Path, calib: str | Path | None, options: CheckpointOptions,
                 clock: _Clock) -> dict[str, Any]:
     import transformers
 
@@ -535,8 +558,10 @@ def _run_stream(source: Path, target: Path, calib: str | Path, options: Checkpoi
     with clock.stage("load", f"reading the config and tokenizer of {source}"):
         tokenizer = load_tokenizer(source)
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
-    with clock.stage("calibration", "tokenizing the calibration text"):
-        windows = calibration(tokenizer, calib, options, _max_positions(config))
+    windows = []
+    if needs_calibration(options):
+        with clock.stage("calibration", "tokenizing the calibration text"):
+            windows = calibration(tokenizer, calib, options, _max_positions(config))
     with staged_output(target) as stage:
         with clock.stage("prune", f"pruning block by block from the shards ({options.method})"):
             # the stage is empty and ours: prune_pretrained writes the model folder into it
@@ -547,42 +572,14 @@ def _run_stream(source: Path, target: Path, calib: str | Path, options: Checkpoi
         before = {"params": after["params"], "nonzeros": None}
         architecture = (config.architectures or [type(config).__name__])[0]
         metrics = _metrics(source, target, calib, options, architecture, None, "transformers", before, after,
-                           pruned, None, clock, _config_summary_of(config))
-        _write_records(stage, metrics)
+                           pruned, None, clock, config_summary_of(config))
+        write_records(stage, metrics)
     return metrics
 
 
-# ------------------------------------------------------------------ metrics and report
+# ------------------------------------------------------------------ metrics
 
-_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "head_dim")
-
-
-def _config_summary_of(config: Any) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in _CONFIG_KEYS if isinstance(getattr(config, k, None), int)}
-
-
-def _config_summary(model: nn.Module) -> dict[str, Any]:
-    """The model's sizes as a config states them (the fitted config after a uniform structured cut)."""
-    from ..hf import fit_config
-
-    fitted = fit_config(model) if hasattr(model, "save_pretrained") else None
-    return _config_summary_of(fitted if fitted is not None else model.config)
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-    import tokenizers
-    import transformers
-
-    from .. import __version__
-
-    return {"secateurs": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
-            "python": platform.python_version()}
-
-
-def _metrics(source: Path, target: Path, calib: str | Path, options: CheckpointOptions, architecture: str,
+def _metrics(source: Path, target: Path, calib: str | Path | None, options: CheckpointOptions, architecture: str,
              causal: bool | None, saved_as: str, before: dict[str, Any], after: dict[str, Any], pruned: Pruned,
              quality: Quality | None, clock: _Clock, sizes: dict[str, Any]) -> dict[str, Any]:
     layers = pruned.record.get("layers", {})
@@ -592,7 +589,8 @@ def _metrics(source: Path, target: Path, calib: str | Path, options: CheckpointO
         "out": str(target),
         "mode": options.mode,
         "saved_as": saved_as,
-        "config": {**dataclasses.asdict(options), "calib": str(calib)},
+        "config": {**dataclasses.asdict(options), "calib": None if calib is None else str(calib)},
+        "calibrated": needs_calibration(options),
         "params": {"before": before["params"], "after": after["params"]},
         "nonzeros": {"before": before["nonzeros"], "after": after["nonzeros"]},
         "sparsity": {"pruned_layers": after["pruned_layer_sparsity"],
@@ -603,77 +601,8 @@ def _metrics(source: Path, target: Path, calib: str | Path, options: CheckpointO
         "eval": dataclasses.asdict(quality) if quality is not None else None,
         "seconds": clock.total(),
         "threads": torch.get_num_threads(),
-        "versions": _versions(),
+        "versions": versions("transformers", "tokenizers", "safetensors"),
     }
-
-
-def _write_records(stage: Path, metrics: dict[str, Any]) -> None:
-    (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    (stage / REPORT_FILE).write_text(report_markdown(metrics))
-
-
-def _what(metrics: dict[str, Any]) -> str:
-    """One line: what was done."""
-    config = metrics["config"]
-    if metrics["mode"] == "structured":
-        parts = []
-        if config["drop_layers"]:
-            parts.append(f"{config['drop_layers']} layer(s) dropped by block influence")
-        if config["ratio"] is not None or config["target"] is not None:
-            how = f"ratio {config['ratio']}" if config["ratio"] is not None else f"target {config['target']}"
-            parts.append(f"{' and '.join(config['units'])} units removed ({how}, scored by {config['method']}"
-                         f"{', bias compensation' if config['compensate'] else ''})")
-        return "; ".join(parts)
-    amount = f"{config['pattern']} pattern" if config["pattern"] else f"{config['sparsity']:.0%} unstructured"
-    owl = f", OWL lambda {config['owl']}" if config["owl"] is not None else ""
-    return f"{config['method']}, {amount}{owl}{', streamed from the shards' if metrics['mode'] == 'stream' else ''}"
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-
-
-def report_markdown(metrics: dict[str, Any]) -> str:
-    """A short Markdown report of one run, from its metrics."""
-    config, model = metrics["config"], metrics["model"]
-    rows = [("parameters", metrics["params"]["before"], metrics["params"]["after"]),
-            ("non-zero parameters", metrics["nonzeros"]["before"], metrics["nonzeros"]["after"])]
-    macs = metrics["pruning"].get("macs")
-    if macs:
-        rows.append(("MACs of one calibration window", macs["before"], macs["after"]))
-    quality = metrics["eval"]
-    if quality:
-        name = "perplexity" if quality["metric"] == "perplexity" else "embedding cosine to the dense model"
-        rows.append((f"{name} on {Path(quality['file']).name}", quality["before"], quality["after"]))
-    lines = [f"# Pruned {model['architecture']}", "",
-             f"- source: `{model['path']}`", f"- pruning: {_what(metrics)}",
-             f"- calibration: {config['calib_windows']} windows of {config['seqlen']} tokens from "
-             f"`{Path(config['calib']).name}` (seed {config['seed']})",
-             f"- saved for: {_loader(metrics)}", "",
-             "| | before | after |", "|---|---:|---:|"]
-    lines += [f"| {label} | {_fmt(b)} | {_fmt(a)} |" for label, b, a in rows]
-    lines.append("")
-    if metrics["mode"] != "structured":
-        lines.append(f"Sparsity of the pruned linears: {metrics['sparsity']['pruned_layers']:.2%}; "
-                     f"of all parameters: {metrics['sparsity']['model']:.2%}.")
-    dropped = metrics["pruning"].get("dropped_layers")
-    if dropped:
-        lines.append(f"Layers dropped: {', '.join(dropped['removed'])}.")
-    if metrics["model_config_after"]:
-        sizes = ", ".join(f"{k} {v}" for k, v in metrics["model_config_after"].items())
-        lines.append(f"Sizes after: {sizes}.")
-    seconds = metrics["seconds"]
-    lines += ["", "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".",
-              "Versions: " + ", ".join(f"{k} {v}" for k, v in metrics["versions"].items()) + ".", ""]
-    return "\n".join(lines)
-
-
-def _loader(metrics: dict[str, Any]) -> str:
-    if metrics["saved_as"] == "secateurs":
-        return "secateurs (layers of different widths): `secateurs.hf.load_pretrained(out)`"
-    return "plain transformers: `AutoModel...from_pretrained(out)`"
 
 
 __all__ = ["CheckpointOptions", "Pruned", "Quality", "make_options", "prune_checkpoint", "prune_hf_model",

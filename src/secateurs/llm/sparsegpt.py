@@ -17,17 +17,13 @@ Wanda), and a Cholesky failure is retried with ten times the damping, up to
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from ..allocate import drop_lowest, pruned_count
 from ..errors import IncompatibleLayer, MissingData
 from ..sparsity import nm_mask
-from .masks import prune_lowest, pruned_count
+from .engine import LLMConfig, register_method
 from .stats import LayerStats
-
-if TYPE_CHECKING:
-    from .engine import LLMConfig
 
 _RETRIES = 4
 
@@ -56,10 +52,11 @@ def _block_mask(block: torch.Tensor, scale: torch.Tensor, start: int, sparsity: 
     width = block.shape[1]
     # counts from the cumulative column index, so the blocks of a row add up to floor(s * in)
     count = pruned_count(start + width, sparsity) - pruned_count(start, sparsity)
-    return prune_lowest(block.pow(2) / scale.pow(2), count)
+    return drop_lowest(block.pow(2) / scale.pow(2), count)
 
 
-def prune(weight: torch.Tensor, stats: LayerStats | None, config: "LLMConfig",
+@register_method("sparsegpt", statistic="hessian")
+def prune_sparsegpt(weight: torch.Tensor, stats: LayerStats | None, config: LLMConfig,
           name: str) -> tuple[torch.Tensor, str]:
     """Return `weight` ([out, in]) pruned by SparseGPT with its remaining weights updated, and a note."""
     if stats is None or stats.hessian is None:

@@ -32,19 +32,22 @@ from torch import nn
 
 from ..errors import FileProblem, InvalidArgument, MissingData, WeightsMismatch
 from ..io import check_output_dir, staged_output
-from .blocks import BlockLayout, find_blocks
+from .blocks import BlockLayout, find_block_layout
 from .engine import (
     BlockInputs,
     LayerReport,
     LLMConfig,
     LLMPlan,
-    _as_list,
+    as_batch_list,
     cache_off,
     capture_inputs,
     make_config,
+    needs_inputs,
+    place_inputs,
     prune_block,
-    run_block,
+    walk_blocks,
 )
+from .owl import outlier_ratio, spread
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -338,7 +341,7 @@ class _ShardWriter:
         """Write `tensors` as the next shard."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         path = self._next(tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
         save_file(tensors, str(path), metadata={"format": "pt"})
 
@@ -399,19 +402,20 @@ def _check_folders(src: str | Path, out: str | Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------ the road
 
 def _stream_blocks(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,
-                   inputs: BlockInputs, dtype: torch.dtype | None,
-                   visit: Callable[[int, nn.Module, BlockInputs], None]) -> None:
-    """Load each block in turn, call visit(i, block, inputs), run it for the next inputs, drop it."""
-    for i, block in enumerate(blocks.blocks):
-        names = layout.blocks[i]
-        loaded = checkpoint.read(names.values(), dtype)
-        for model_name, stored in names.items():
+                   inputs: BlockInputs | None, dtype: torch.dtype | None, device: str | None,
+                   visit: Callable[[int, nn.Module, BlockInputs | None], None]) -> list[float]:
+    """Read each block in turn from the shards, onload it to `device`, call visit(i, block, inputs),
+    run it for the next inputs (if any), drop it."""
+    def load(i: int) -> None:
+        loaded = checkpoint.read(layout.blocks[i].values(), dtype)
+        for model_name, stored in layout.blocks[i].items():
             _put(model, model_name, loaded.pop(stored))
-        visit(i, block, inputs)
-        if i + 1 < len(blocks.blocks):
-            inputs = run_block(block, inputs)
-        _drop(model, names)
+
+    def unload(i: int) -> None:
+        _drop(model, layout.blocks[i])
         _release_freed_memory()
+
+    return walk_blocks(blocks, inputs, visit, device, load=load, unload=unload)
 
 
 def _release_freed_memory() -> None:
@@ -442,18 +446,22 @@ def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], c
     """
     config = make_config(config, **overrides)
     _check_options(dtype, shard_bytes)
-    batches = _as_list(batches)
-    if not batches:
-        raise MissingData("prune_pretrained needs at least one calibration batch, got an empty list")
+    batches = as_batch_list(batches)
+    if (needs_inputs(config) or config.owl is not None) and not batches:
+        raise MissingData(f"prune_pretrained with method {config.method!r} needs at least one calibration batch, "
+                          f"got none")
     source, target = _check_folders(src, out)
     start = time.perf_counter()
     checkpoint = Checkpoint.open(source)
     model = build_skeleton(source)
-    blocks = find_blocks(model)
+    blocks = find_block_layout(model)
     layout = _split(_checkpoint_names(model, checkpoint), checkpoint, blocks.blocks_path, len(blocks.blocks))
     with cache_off(model):
-        inputs = _capture(model, checkpoint, layout, blocks, batches, dtype)
+        calibrated = needs_inputs(config) or config.owl is not None
+        inputs = place_inputs(_capture(model, checkpoint, layout, blocks, batches, dtype), config) \
+            if calibrated else None
         ratios = _block_ratios(model, checkpoint, layout, blocks, inputs, config, dtype)
+        inputs = inputs if needs_inputs(config) else None
         passthrough = _pack(layout.passthrough, {n: t.nbytes for n, t in checkpoint.tensors.items()}, shard_bytes)
         reports: list[LayerReport] = []
         with staged_output(target) as stage:
@@ -465,13 +473,13 @@ def prune_pretrained(src: str | Path, out: str | Path, batches: Iterable[Any], c
                 state = dict(block.state_dict(prefix=f"{blocks.blocks_path}.{i}.", keep_vars=True))
                 writer.write({stored: state[name] for name, stored in layout.blocks[i].items()})
 
-            _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype, prune_and_write)
+            seconds = _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype, config.device, prune_and_write)
             for group in passthrough:
                 _write_unpruned(writer, checkpoint, group, dtype)
             writer.write_index()
             _copy_companions(source, stage, dtype)
     block_sparsity = ratios if config.pattern is None else [config.target] * len(ratios)
-    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity)
+    return LLMPlan(config, reports, time.perf_counter() - start, block_sparsity, seconds)
 
 
 def _write_unpruned(writer: _ShardWriter, checkpoint: Checkpoint, names: list[str], dtype: torch.dtype | None) -> None:
@@ -505,15 +513,13 @@ def _capture(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: 
 
 
 def _block_ratios(model: nn.Module, checkpoint: Checkpoint, layout: _Layout, blocks: BlockLayout,
-                  inputs: BlockInputs, config: LLMConfig, dtype: torch.dtype | None) -> list[float]:
+                  inputs: BlockInputs | None, config: LLMConfig, dtype: torch.dtype | None) -> list[float]:
     """Each block's sparsity: uniform, or OWL's from a first streaming pass over the dense blocks."""
     count = len(layout.blocks)
     if config.owl is None:
         return [config.sparsity] * count
-    from .owl import outlier_ratio, spread
-
     ratios: list[float] = []
-    _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype,
+    _stream_blocks(model, checkpoint, layout, blocks, inputs, dtype, config.device,
                    lambda i, block, block_inputs: ratios.append(
                        outlier_ratio(block, block_inputs, config, prefix=f"{blocks.blocks_path}.{i}.")))
     return spread(ratios, config.sparsity, config.owl)

@@ -64,7 +64,7 @@ def train_tokenizer(lines: list[str], vocab: int) -> Any:
                                    unk_token="<unk>", pad_token="<pad>", model_max_length=RECIPE["seq"])
 
 
-def build_model(tokenizer: Any, recipe: dict[str, Any] | None = None) -> torch.nn.Module:
+def build_tiny_llama(tokenizer: Any, recipe: dict[str, Any] | None = None) -> torch.nn.Module:
     """A randomly initialized LlamaForCausalLM of the recipe's shape (default: RECIPE)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -137,7 +137,7 @@ def tiny_llama(cache_dir: str | os.PathLike | None = None, recipe: dict[str, Any
     split = kjv_split(root / "kjv-split-v1")
     started = time.perf_counter()
     tokenizer = train_tokenizer(read_lines(split.train), recipe["vocab"])
-    model = build_model(tokenizer, recipe)
+    model = build_tiny_llama(tokenizer, recipe)
     model = train_model(model, tokenize_file(tokenizer, split.train), recipe, on_step)
     seconds = time.perf_counter() - started
     tmp = root / f".{folder.name}.tmp{os.getpid()}"
@@ -153,4 +153,4 @@ def tiny_llama(cache_dir: str | os.PathLike | None = None, recipe: dict[str, Any
     return folder
 
 
-__all__ = ["RECIPE", "build_model", "tiny_llama", "train_model", "train_tokenizer"]
+__all__ = ["RECIPE", "build_tiny_llama", "tiny_llama", "train_model", "train_tokenizer"]

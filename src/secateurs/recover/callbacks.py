@@ -5,7 +5,8 @@ is due) and the arguments of `secateurs.prune`. Call `on_step_end(step)` after e
 optimizer step of your own loop, or pass it as `on_step=` to `finetune` / `distill`:
 when the schedule says so it prunes (masks) the model to the scheduled sparsity, and
 on every step it masks the weights again, so pruned weights stay zero whatever the
-optimizer does. Masks, not surgery, because a training loop's optimizer holds the
+optimizer does. Under torchrun or `accelerate launch` (DDP) every rank prunes and then
+adopts rank 0's masks, so the replicas never drift apart. Masks, not surgery, because a training loop's optimizer holds the
 parameter tensors: cutting them mid-training would leave it updating stale ones.
 
 `trainer_callback(callback)` wraps one for the transformers Trainer (an optional
@@ -24,6 +25,7 @@ from ..api import Plan, check_ratio, prune
 from ..errors import InvalidArgument, SecateursError
 from ..schedule import agp_sparsity, iterative_sparsities
 from ..sparsity import apply_masks
+from .distributed import is_sharded, sync_masks, unwrap
 
 
 @runtime_checkable
@@ -136,7 +138,11 @@ class PruningCallback:
     def _prune_if_due(self, step: int) -> None:
         target = self.schedule(step)
         if target is not None and target > 0.0:
-            self.plans.append((step, prune(self.model, sparsity=target, **self.prune_kwargs)))
+            if is_sharded(self.model):
+                raise InvalidArgument("gradual pruning needs whole weights and this model is sharded (FSDP2 "
+                                      "fully_shard): prune before sharding, or train with DDP")
+            self.plans.append((step, prune(unwrap(self.model), sparsity=target, **self.prune_kwargs)))
+            sync_masks(self.model)   # under torchrun every rank keeps rank 0's masks
 
 
 # ------------------------------------------------------------------------ transformers Trainer

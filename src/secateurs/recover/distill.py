@@ -26,7 +26,9 @@ from torch import nn
 from ..batches import LossFn, eval_mode, model_device, split_batch, to_device
 from ..errors import IncompatibleLayer, InvalidArgument, MissingData
 from ..sparsity import keep_sparse
-from .finetune import OPTIMIZERS
+from .distributed import (average_gradients, broadcast_module, is_distributed, is_wrapped, mean_over_ranks,
+                          parallel_training, unwrap)
+from .finetune import OPTIMIZERS, check_hooks_follow
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -111,9 +113,14 @@ def _projection_for(student: torch.Tensor, teacher: torch.Tensor, name: str) -> 
 
 
 class HiddenMatcher:
-    """Forward hooks that capture chosen student / teacher outputs and their MSE. Call `remove()`."""
+    """Forward hooks that capture chosen student / teacher outputs and their MSE. Call `remove()`.
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[str, str]]):
+    With `shared` (a student training on every rank) each new projection takes rank 0's fit.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[str, str]],
+                 shared: bool = False):
+        student, self.shared = unwrap(student), shared
         self.pairs = [(s, t) for s, t in pairs]
         self.outputs: dict[tuple[str, str], torch.Tensor] = {}
         self.projections: dict[str, ChannelProjection | None] = {}
@@ -142,6 +149,8 @@ class HiddenMatcher:
                 projection = _projection_for(student, teacher, key)
                 self.projections[key] = projection
                 if projection is not None:
+                    if self.shared:
+                        broadcast_module(projection)
                     self.new_parameters += list(projection.parameters())
             projection = self.projections[key]
             terms.append(F.mse_loss((projection(student) if projection is not None else student).float(), teacher.float()))
@@ -229,6 +238,7 @@ def distill(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     on_step: Callable[[int], Any] | None = None,
+    parallel: str | None = "auto",
 ) -> DistillHistory:
     """Train `student` towards `teacher` on `data`; pruned weights stay exactly zero.
 
@@ -236,38 +246,60 @@ def distill(
     "labels" (Hugging Face). The teacher runs in eval mode without gradients and is left
     as it was. `hidden` lists (student module, teacher module) names whose outputs are
     matched by MSE, weighted by `hidden_weight`. `on_step(step)` runs after each
-    optimizer step (pass `PruningCallback.on_step_end` for gradual pruning).
+    optimizer step (pass `PruningCallback.on_step_end` for gradual pruning). Under
+    torchrun the student trains on all processes as in `finetune` (`parallel`), the
+    teacher whole on every rank.
     """
     _check_arguments(student, teacher, epochs, lr, temperature, alpha, hidden, optimizer)
-    opt = OPTIMIZERS[optimizer]([p for p in student.parameters() if p.requires_grad], lr, weight_decay)
+    check_hooks_follow(student, parallel, on_step=on_step)
+    with parallel_training(student, parallel, data) as (trainee, batches):
+        return _train(trainee, teacher, batches, epochs, OPTIMIZERS[optimizer], lr, weight_decay, on_step,
+                      hidden, {"temperature": temperature, "alpha": alpha, "loss_fn": loss_fn,
+                                "hidden_weight": hidden_weight})
+
+
+def _train(student: nn.Module, teacher: nn.Module, data: Iterable[Any], epochs: int, make_optimizer: Callable,
+           lr: float, weight_decay: float, on_step: Callable[[int], Any] | None,
+           hidden: Sequence[tuple[str, str]] | None, loss_options: dict[str, Any]) -> DistillHistory:
+    opt = make_optimizer([p for p in student.parameters() if p.requires_grad], lr, weight_decay)
     keeper = keep_sparse(opt, student)
-    matcher = HiddenMatcher(student, teacher, hidden) if hidden else None
+    shared = is_distributed() and is_wrapped(student)
+    matcher = HiddenMatcher(student, teacher, hidden, shared=shared) if hidden else None
+    projection_params: list[nn.Parameter] = []   # trained alongside, outside any DDP / FSDP wrapper
     student_device, teacher_device = model_device(student), model_device(teacher)
     was_training = student.training
     student.train()
     history, step = DistillHistory(), 0
+    sums: dict[str, list[float]] = {"loss": [], "kd": [], "task": [], "hidden": []}
+    counts: list[int] = []
     try:
         with eval_mode(teacher):
             for _ in range(epochs):
-                sums = {"loss": 0.0, "kd": 0.0, "task": 0.0, "hidden": 0.0}
+                epoch = dict.fromkeys(sums, 0.0)
                 batches = 0
                 for batch in data:
                     terms = _distill_step(student, teacher, batch, student_device, teacher_device,
-                                          temperature, alpha, loss_fn, matcher, hidden_weight)
+                                          matcher=matcher, **loss_options)
                     if matcher is not None and matcher.new_parameters:
                         opt.add_param_group({"params": matcher.new_parameters})
+                        projection_params += matcher.new_parameters
                         matcher.new_parameters = []
                     opt.zero_grad(set_to_none=True)
                     terms["loss"].backward()
+                    if shared:
+                        average_gradients(projection_params)
                     opt.step()
                     step += 1
                     if on_step is not None:
                         on_step(step)
                     for key, value in terms.items():
-                        sums[key] += float(value.detach())
+                        epoch[key] += float(value.detach())
                     batches += 1
-                for key, value in sums.items():
-                    getattr(history, key).append(value / max(batches, 1))
+                for key, value in epoch.items():
+                    sums[key].append(value)
+                counts.append(batches)
+        for key, totals in sums.items():
+            setattr(history, key, mean_over_ranks(totals, counts, student))
     finally:
         keeper.remove()
         if matcher is not None:

@@ -179,7 +179,7 @@ def has_latency(runs: Sequence[RunRecord]) -> bool:
     return any(row.measurement.get("latency_ms") is not None for run in runs for row in run.rows)
 
 
-def sensitivity(run: RunRecord) -> str:
+def sensitivity_plot(run: RunRecord) -> str:
     """The metric against the pruning ratio, one curve per layer or group."""
     return _svg(sensitivity_figure(run.sensitivity, f"{run.name}: sensitivity (no recovery)", run.sensitivity_metric))
 

@@ -121,7 +121,7 @@ def _figures(runs: list[RunRecord]) -> tuple[list[Figure], dict[int, list[Figure
         if run.sensitivity:
             figures.append(Figure(f"run{i}_sensitivity", f"{run.sensitivity_metric.capitalize()} with one group "
                                   "pruned at a time, the rest of the model dense, before any recovery.",
-                                  plots.sensitivity(run)))
+                                  plots.sensitivity_plot(run)))
     return shared, per_run, notes
 
 

@@ -20,8 +20,10 @@ from .apply import GRAPH_COSTS, chosen_shapes, cut_model
 from .plan import StructuredPlan
 from .units import (
     Scored,
+    aligned,
     first_units,
     global_order,
+    group_quanta,
     per_group,
     protect_members,
     select_units,
@@ -133,8 +135,9 @@ def trial_cost(model: nn.Module, example_inputs: Any, scored: Scored, key: str,
 
 
 def search_ratio(model: nn.Module, example_inputs: Any, scored: Scored, target: Budget, cost: Cost,
-                  round_to: int | None, max_ratio: float | dict[str, float] | None) -> float:
-    """The smallest global ratio (to SEARCH_STEPS bisections) whose cost meets `target`.
+                 round_to: int | None, max_ratio: float | dict[str, float] | None, scope: str = "global") -> float:
+    """The smallest ratio (to SEARCH_STEPS bisections) whose cost meets `target`: a global ratio,
+    or with scope "local" the one ratio every group loses.
 
     The cost of each trial ratio is computed from the kept widths on the dense graph, so
     the search cuts nothing and costs a fraction of one prune; graphs holding an opaque
@@ -145,13 +148,17 @@ def search_ratio(model: nn.Module, example_inputs: Any, scored: Scored, target: 
     opaque = target.key == "macs" and graph_macs(scored.graph) is None
     scale = 1.0 if kind.absolute else cost.dense
     # the ranking does not depend on the ratio: rank once, and each trial takes a prefix
-    order = global_order(scored.groups, scored.unit_scores, per_group(scored.groups, max_ratio, 0.9), round_to)
+    quanta = group_quanta(scored, round_to)
+    order = global_order(scored.groups, scored.unit_scores, per_group(scored.groups, max_ratio, 0.9), quanta)
     total = sum(g.size for g in scored.groups)
     by_index = {g.index: g for g in scored.groups}
 
     def trial(ratio: float) -> float:
-        chosen = first_units(*order, int(ratio * total))   # as select_units(scored, ratio, "global", ...) chooses
-        protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
+        if scope == "local":
+            chosen = select_units(scored, ratio, "local", round_to, max_ratio)
+        else:   # as select_units(scored, ratio, "global", ...) chooses
+            chosen = aligned(first_units(*order, int(ratio * total)), scored.groups, quanta)
+            protect_members(scored.analysis, by_index, chosen, scored.unit_scores, scored.unit_ids)
         if opaque:
             return trial_cost(model, example_inputs, scored, target.key, chosen)
         return cost.of(chosen_shapes(scored, chosen))
@@ -160,8 +167,9 @@ def search_ratio(model: nn.Module, example_inputs: Any, scored: Scored, target: 
     most = trial(high)
     if most / scale > target.value:
         share = "" if kind.absolute else f", {most / cost.dense:.1%} of the dense model's"
+        aligned_to = f" with kept widths multiples of round_to={round_to}" if round_to and round_to > 1 else ""
         raise InvalidArgument(f"target {target} cannot be met: the largest cut max_ratio allows (default 0.9 of "
-                              f"each group) leaves {target.key} at {most:.4g}{kind.unit}{share}")
+                              f"each group){aligned_to} leaves {target.key} at {most:.4g}{kind.unit}{share}")
     for _ in range(SEARCH_STEPS if not opaque else 10):
         mid = (low + high) / 2
         if trial(mid) / scale > target.value:
@@ -177,8 +185,8 @@ LATENCY_CHECKS = 3
 
 
 def check_latency(model: nn.Module, example_inputs: Any, scored: Scored, budget: Budget, cost: Cost,
-                   ratio: float, round_to: int | None,
-                   max_ratio: float | dict[str, float] | None) -> tuple[float, list[dict[str, float]]]:
+                  ratio: float, round_to: int | None, max_ratio: float | dict[str, float] | None,
+                  scope: str = "global") -> tuple[float, list[dict[str, float]]]:
     """The searched ratio, cut further until a cut copy measures within the budget; and each check.
 
     The table predicts the sum of ops timed alone; the model as a whole can run a few
@@ -189,7 +197,7 @@ def check_latency(model: nn.Module, example_inputs: Any, scored: Scored, budget:
     checks = []
     limit = budget.value
     for _ in range(LATENCY_CHECKS):
-        chosen = select_units(scored, ratio, "global", round_to, max_ratio)
+        chosen = select_units(scored, ratio, scope, round_to, max_ratio)
         trial = copy.deepcopy(model)
         cut_model(trial, example_inputs, scored, chosen, "check", ratio, check=False)
         predicted = cost.of(chosen_shapes(scored, chosen))
@@ -200,7 +208,7 @@ def check_latency(model: nn.Module, example_inputs: Any, scored: Scored, budget:
         limit *= predicted / measured
         try:
             ratio = search_ratio(model, example_inputs, scored, Budget(budget.key, limit, budget.threads), cost,
-                                  round_to, max_ratio)
+                                 round_to, max_ratio, scope)
         except InvalidArgument:
             break   # even the largest cut misses the corrected budget: keep the last one
     return ratio, checks

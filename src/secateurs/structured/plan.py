@@ -15,6 +15,7 @@ from .. import compensate as bias_compensation
 from ..errors import WeightsMismatch
 from ..hf_config import is_hf_model, update_config
 from ..measure import total_parameters
+from ..plans import PlanRecord, fraction
 from .cut import apply_keeps
 
 
@@ -28,7 +29,7 @@ class GroupPlan:
 
 
 @dataclass
-class StructuredPlan:
+class StructuredPlan(PlanRecord):
     """What was removed: per group, which units; with costs before and after."""
 
     method: str
@@ -46,6 +47,17 @@ class StructuredPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def summary(self) -> dict[str, str]:
+        cut = [g for g in self.groups if g.removed]
+        rows = {"method": self.method, "ratio": f"{self.ratio:.4g}" if isinstance(self.ratio, float) else str(self.ratio),
+                "groups cut": f"{len(cut)} of {len(self.groups)}",
+                "units removed": f"{sum(len(g.removed) for g in cut):,} of {sum(g.units for g in self.groups):,}",
+                "params": fraction(self.params_after, self.params_before),
+                "MACs": fraction(self.macs_after, self.macs_before)}
+        if self.budget:
+            rows["budget"] = f"{self.budget.get('target')}: measured {self.budget.get('measured'):.4g}"
+        return rows
 
 
 # A model's own record of the structured plans cut into it, in order (a plain attribute, so

@@ -8,13 +8,14 @@ from torch import nn
 from .. import compensate as bias_compensation
 from ..batches import LossFn
 from ..criteria import Calibration, Criterion, get_criterion
-from ..errors import InvalidArgument, MissingData
+from ..errors import MissingData
 from ..hf_config import is_hf_model, update_config
 from ..measure import total_parameters
 from .apply import cut_model
-from .budget import BUDGETS, budget_record, check_latency, parse_target, search_ratio
+from .budget import BUDGETS, budget_record, check_latency, search_ratio
 from .plan import StructuredPlan, remember
-from .units import UNIT_KINDS, check_spec, score_model, select_units
+from .options import check_options, resolve_round_to
+from .units import UNIT_KINDS, score_model, select_units
 
 
 def prune_structured(
@@ -24,11 +25,11 @@ def prune_structured(
     *,
     target: str | None = None,
     method: str | Criterion = "l2",
-    scope: str = "local",
+    scope: str | None = None,
     units: Sequence[str] = UNIT_KINDS,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
-    round_to: int | None = None,
+    round_to: int | str | None = "auto",
     ignore: Sequence[str] = (),
     max_ratio: float | dict[str, float] | None = None,
     compensate: bool = False,
@@ -36,9 +37,13 @@ def prune_structured(
 ) -> StructuredPlan:
     """Remove the least important channels / heads of `model` in place; returns the plan.
 
-    `ratio` is the fraction of units removed from each prunable group (scope "local")
-    or in total, ranked after dividing by each group's mean score (scope "global", at
-    most 90% of any group). `target="macs=0.5"` or `"params=0.3"` instead searches the
+    `ratio` is the fraction of units removed from each prunable group (scope "local", the
+    default for a ratio) or in total, ranked after dividing by each group's mean score
+    (scope "global", at most 90% of any group). A `target` searches the ratio that meets
+    it: by default one ratio for every group (scope "local": uniform widths, which run
+    faster per MAC than a global ranking's uneven ones), or a global ratio with
+    `scope="global"` (often less accuracy lost before recovery); a `latency_ms` target
+    is global by default, its latency table pricing each group's cut. `target="macs=0.5"` or `"params=0.3"` instead searches the
     global ratio that brings that cost to the given fraction of today's; the search
     costs each trial ratio from the traced graph, so it takes about as long as one prune.
 
@@ -53,35 +58,22 @@ def prune_structured(
     where there was none): a cheap, training-free repair that matters most for
     transformers pruned without recovery. Conv layers are not compensated.
     """
-    if (ratio is None) == (target is None):
-        raise InvalidArgument("give exactly one of ratio (a fraction of units) or target (e.g. 'macs=0.5')")
-    if scope not in ("local", "global"):
-        raise InvalidArgument(f"unknown scope {scope!r}; expected 'local' or 'global'")
-    bad = [u for u in units if u not in UNIT_KINDS]
-    if bad:
-        raise InvalidArgument(f"unknown unit kind {bad[0]!r}; expected some of {UNIT_KINDS}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise InvalidArgument(f"round_to must be a positive integer, got {round_to!r}")
-    if max_ratio is not None:
-        check_spec("max_ratio", max_ratio, upper_inclusive=True)
+    scope = scope or _default_scope(target)
+    budget = check_options(ratio=ratio, target=target, scope=scope, units=units, round_to=round_to,
+                           max_ratio=max_ratio, method=method)
     if compensate and data is None:
         raise MissingData("compensate=True needs calibration data (data=...) for the mean inputs it folds in")
     criterion = get_criterion(method, seed=seed)
-    if target is not None:
-        budget = parse_target(target)
-        scope = "global"
-    else:
-        check_spec("ratio", ratio, upper_inclusive=False)
-        if isinstance(ratio, dict) and scope != "local":
-            raise InvalidArgument(f"a per-group ratio dict needs scope='local', got scope={scope!r}")
+    round_to = resolve_round_to(round_to, model)
     # One trace, one analysis and one scoring serve the ratio search and the cut alike.
     scored = score_model(model, example_inputs, criterion, Calibration(data, loss_fn), units, ignore)
     checks: list[dict[str, float]] = []
     if target is not None:
         cost = BUDGETS[budget.key].cost(model, example_inputs, scored, budget)
-        ratio = search_ratio(model, example_inputs, scored, budget, cost, round_to, max_ratio)
+        ratio = search_ratio(model, example_inputs, scored, budget, cost, round_to, max_ratio, scope)
         if budget.key == "latency_ms":
-            ratio, checks = check_latency(model, example_inputs, scored, budget, cost, ratio, round_to, max_ratio)
+            ratio, checks = check_latency(model, example_inputs, scored, budget, cost, ratio, round_to, max_ratio,
+                                          scope)
     chosen = select_units(scored, ratio, scope, round_to, max_ratio)
     dense = bias_compensation.snapshot(model, Calibration(data, loss_fn)) if compensate else None
     plan = cut_model(model, example_inputs, scored, chosen, criterion.name, ratio)
@@ -93,6 +85,16 @@ def prune_structured(
             plan.budget["checks"] = checks
     remember(model, plan)
     return plan
+
+
+def _default_scope(target: Any) -> str:
+    """Local for a ratio and for a cost fraction (one ratio for every group: uniform widths, which run
+    faster per MAC than a global ranking's uneven ones, BENCHMARKS.md); global for a latency budget,
+    whose latency table already prices each group's cut."""
+    if isinstance(target, str) and target.partition("=")[0].strip() in BUDGETS \
+            and BUDGETS[target.partition("=")[0].strip()].absolute:
+        return "global"
+    return "local"
 
 
 def _compensate(model: nn.Module, dense: bias_compensation.Snapshot, plan: StructuredPlan) -> None:

@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import IncompatibleLayer
 from ..graph.groups import Group
-from ..graph.trace import _leaves, _split_inputs
+from ..graph.trace import _leaves, _split_inputs, fake_on_cpu
 from .cut import apply_cut
 
 
@@ -41,14 +41,12 @@ def rehearse(model: nn.Module, example_inputs: Any, keeps: dict[tuple[str, int],
     user's model is still whole. Models the tracer could only run for real (data-
     dependent control flow) are rehearsed on a real copy instead.
     """
-    devices = {n: t.device for n, t in list(model.named_parameters(remove_duplicate=False))
-               + list(model.named_buffers(remove_duplicate=False))}
     rehearsal = skeleton(model) if fake else copy.deepcopy(model)
     try:
         apply_cut(rehearsal, keeps, heads)
         args, kwargs = _split_inputs(rehearsal, example_inputs)
         if fake:
-            after = _fake_output_shapes(rehearsal, devices, args, kwargs)
+            after = _meta_output_shapes(rehearsal, args, kwargs) or _fake_output_shapes(rehearsal, args, kwargs)
         else:
             with torch.no_grad():
                 after = [tuple(v.shape) for v in _leaves(rehearsal.eval()(*args, **kwargs))
@@ -73,15 +71,37 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
         logger.disabled = disabled
 
 
-def _fake_output_shapes(model: nn.Module, devices: dict[str, torch.device], args: tuple,
-                        kwargs: dict) -> list[tuple[int, ...]]:
-    """Output shapes of `model` run under FakeTensorMode, its tensors stood in for by fakes of their shapes."""
+def _meta_output_shapes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[int, ...]] | None:
+    """Output shapes of the meta-device `model` run on meta copies of the inputs; None where the
+    meta device cannot run it (data-dependent ops, tensors made on the CPU inside forward).
+
+    Meta kernels compute shapes with a fraction of FakeTensorMode's overhead per op; a
+    failure here is only a reason to try the slower fake run, which then decides.
+    """
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    flat = [v.to("meta") if isinstance(v, torch.Tensor) else v for v in flat]
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(*args, **kwargs)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError, AssertionError):
+        return None
+    finally:
+        model.train(was_training)
+    return [tuple(v.shape) for v in _leaves(output) if isinstance(v, torch.Tensor)]
+
+
+def _fake_output_shapes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
+    """Output shapes of `model` run under FakeTensorMode, its tensors stood in for by CPU fakes of their
+    shapes (as the tracer does: the rehearsal of a GPU model runs the same ops as its CPU twin's)."""
     with _quiet_fake_tensor_log(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        state = {n: torch.empty(t.shape, dtype=t.dtype, device=devices[n])
+        state = {n: torch.empty(t.shape, dtype=t.dtype, device="cpu")
                  for n, t in list(model.named_parameters(remove_duplicate=False))
                  + list(model.named_buffers(remove_duplicate=False))}
         flat, spec = pytree.tree_flatten((args, kwargs))
-        flat = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
+        flat = [fake_on_cpu(mode, v) if isinstance(v, torch.Tensor) else v for v in flat]
         args, kwargs = pytree.tree_unflatten(flat, spec)
         was_training = model.training
         model.eval()

@@ -9,6 +9,7 @@ normalised by its group's mean score, capped per group). Kept widths are rounded
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -22,10 +23,12 @@ from ..errors import InvalidArgument
 from ..graph import trace
 from ..graph.groups import Analysis, Group, analyze_graph
 from ..graph.trace import Graph
+from ..layers import is_conv1d
 from ..measure import count_macs, graph_macs, total_parameters
 from ..select import select_targets
 
 UNIT_KINDS = ("channel", "head")
+_GEMM_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Embedding)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Scored:
     macs: int
     params: int
     unit_ids: dict[int, np.ndarray] = field(default_factory=dict)   # group index -> its units, as an array
+    unit_widths: dict[int, int] = field(default_factory=dict)       # group index -> positions per unit (`group_quanta`)
 
 
 def element_scores(model: nn.Module, criterion: Criterion, calibration: Calibration) -> dict[str, torch.Tensor]:
@@ -56,10 +60,19 @@ def group_unit_scores(analysis: Analysis, group: Group, scores: dict[str, torch.
     scored_members = [m for m in group.members if m[0] in scores] or group.members
     for name, dim in scored_members:
         tensor = scores[name] if name in scores else model.get_parameter(name).detach().float().pow(2)
-        others = [d for d in range(tensor.dim()) if d != dim]
-        per_position = (tensor.sum(others) if others else tensor).cpu().numpy()  # no transposed copy
+        per_position = _sum_but(tensor, dim).cpu().numpy()
         total += np.bincount(position[analysis.unit_of[(name, dim)]], weights=per_position, minlength=len(units))
     return total
+
+
+def _sum_but(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """`tensor` summed over every dim but `dim`: the trailing dims first, as one contiguous run,
+    then the leading ones (twice as fast as one strided multi-dim sum, and no transposed copy)."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1)
+    if dim < tensor.dim() - 1:
+        tensor = tensor.reshape(*tensor.shape[:dim + 1], -1).sum(-1)
+    return tensor.reshape(-1, tensor.shape[dim]).sum(0) if dim > 0 else tensor
 
 
 def is_ignored(group: Group, ignore: Sequence[str]) -> bool:
@@ -67,14 +80,45 @@ def is_ignored(group: Group, ignore: Sequence[str]) -> bool:
                for name, _ in group.members for p in ignore)
 
 
-def removal_count(counts: int, prunable: list[int], ratio: float, round_to: int | None) -> int:
-    """How many of a group's units to cut: never all of them, kept widths rounded up to `round_to`."""
-    remove = int(ratio * counts)
-    if round_to:
-        keep = min(counts, -(-(counts - remove) // round_to) * round_to)
-        remove = counts - keep
+def removal_count(counts: int, prunable: list[int], ratio: float, quantum: int = 1) -> int:
+    """How many of a group's units to cut: never all of them, the kept count a multiple of `quantum`
+    (rounded up: never more removed than asked; a quantum of 0 leaves the group whole)."""
+    if quantum < 1:
+        return 0
     limit = len(prunable) - 1 if len(prunable) == counts else len(prunable)
-    return max(0, min(remove, limit))
+    remove = max(0, min(int(ratio * counts), limit))
+    return counts - min(counts, -(-(counts - remove) // quantum) * quantum)
+
+
+def gemm_width(model: nn.Module, analysis: Analysis, group: Group) -> int:
+    """Positions per unit in the group's matrix-multiplying members (1 for a channel, head_dim for a head).
+
+    Only weights of Linear / conv / attention layers count: a per-head bias table holds one
+    position per head, but the widths that run on the hardware are the projections'.
+    """
+    widths = []
+    for name, dim in group.members:
+        module = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if not isinstance(module, _GEMM_LAYERS) and not is_conv1d(module):
+            continue
+        if model.get_parameter(name).dim() < 2:
+            continue
+        positions = analysis.unit_of[(name, dim)]
+        widths.append(len(positions) // max(1, len(np.unique(positions))))
+    return min(widths) if widths else 1
+
+
+def group_quanta(scored: Scored, round_to: int | None) -> dict[int, int]:
+    """Group index -> the multiple its kept unit count must be so that every kept layer width is a
+    multiple of `round_to`; 0 where the group's width was not such a multiple (left as it was)."""
+    quanta = {}
+    for g in scored.groups:
+        if not round_to or round_to == 1:
+            quanta[g.index] = 1
+            continue
+        quantum = round_to // math.gcd(round_to, scored.unit_widths.get(g.index, 1))
+        quanta[g.index] = quantum if g.size % quantum == 0 and g.size > quantum else 0
+    return quanta
 
 
 def check_spec(name: str, value: Any, upper_inclusive: bool) -> None:
@@ -98,30 +142,46 @@ def per_group(groups: list[Group], spec: float | dict[str, float] | None, defaul
 
 
 def choose_units(analysis: Analysis, groups: list[Group], unit_scores: dict[int, np.ndarray],
-            ratio: float | dict[int, float], scope: str, round_to: int | None,
-            caps: dict[int, float] | None = None) -> dict[int, list[int]]:
+                 ratio: float | dict[int, float], scope: str, quanta: dict[int, int] | None = None,
+                 caps: dict[int, float] | None = None) -> dict[int, list[int]]:
     """Group index -> positions of the units to remove.
 
-    `ratio` is one fraction or, for scope "local", one per group index; `caps` bounds
-    the fraction of each group's units removed (default: none locally, 0.9 globally).
+    `ratio` is one fraction or, for scope "local", one per group index; `quanta` (from
+    `group_quanta`) keeps each group's kept count a multiple, under every scope; `caps`
+    bounds the fraction of each group's units removed (default: none locally, 0.9 globally).
     """
     chosen: dict[int, list[int]] = {}
-    caps = caps or {}
+    caps, quanta = caps or {}, quanta or {}
     if scope == "local":
         for g in groups:
             ok = [i for i, p in enumerate(g.prunable) if p]
             group_ratio = ratio[g.index] if isinstance(ratio, dict) else ratio
-            count = removal_count(g.size, ok, min(group_ratio, caps.get(g.index, 1.0)), round_to)
+            count = removal_count(g.size, ok, min(group_ratio, caps.get(g.index, 1.0)), quanta.get(g.index, 1))
             order = sorted(ok, key=lambda i: unit_scores[g.index][i])
             chosen[g.index] = order[:count]
         return chosen
     # global: one ranking of every group's units, each normalised by its group's mean score
     budget = int(ratio * sum(g.size for g in groups))
-    return first_units(*global_order(groups, unit_scores, caps, round_to), budget)
+    return aligned(first_units(*global_order(groups, unit_scores, caps, quanta), budget), groups, quanta)
+
+
+def aligned(chosen: dict[int, list[int]], groups: list[Group], quanta: dict[int, int]) -> dict[int, list[int]]:
+    """A global choice with each group's removals cut back (its best-kept units first) until the kept
+    count is a multiple of the group's quantum: a prefix of a ranking respects no multiple by itself."""
+    sizes = {g.index: g.size for g in groups}
+    out = {}
+    for gi, positions in chosen.items():
+        quantum = quanta.get(gi, 1)
+        if quantum < 1:
+            continue
+        size = sizes[gi]
+        keep = -(-(size - len(positions)) // quantum) * quantum
+        out[gi] = positions[:max(0, size - keep)]
+    return out
 
 
 def global_order(groups: list[Group], unit_scores: dict[int, np.ndarray], caps: dict[int, float],
-                  round_to: int | None) -> tuple[np.ndarray, np.ndarray]:
+                 quanta: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(group index, position) of the units a global ranking cuts, in the order it cuts them.
 
     Units rank by score over their group's mean score; a group gives no more units once
@@ -138,7 +198,7 @@ def global_order(groups: list[Group], unit_scores: dict[int, np.ndarray], caps: 
         score.append(s[ok] / mean)
         group_of.append(np.full(len(ok), g.index))
         position.append(ok)
-        cap[g.index] = removal_count(g.size, ok.tolist(), caps.get(g.index, 0.9), round_to)
+        cap[g.index] = removal_count(g.size, ok.tolist(), caps.get(g.index, 0.9), (quanta or {}).get(g.index, 1))
     score, group_of, position = np.concatenate(score), np.concatenate(group_of), np.concatenate(position)
     order = np.lexsort((position, group_of, score))   # by score; ties by group, then position
     ranked = group_of[order]
@@ -220,17 +280,19 @@ def score_model(model: nn.Module, example_inputs: Any, criterion: Criterion, cal
     scores = element_scores(model, criterion, calibration)
     unit_scores = {g.index: group_unit_scores(analysis, g, scores, model) for g in groups}
     return Scored(graph, analysis, groups, unit_scores, dense_macs(graph, model, example_inputs), total_parameters(model),
-                   {g.index: np.asarray(g.units, dtype=np.int64) for g in groups})
+                  {g.index: np.asarray(g.units, dtype=np.int64) for g in groups},
+                  {g.index: gemm_width(model, analysis, g) for g in groups})
 
 
 def select_units(scored: Scored, ratio: float | dict[str, float], scope: str, round_to: int | None,
-               max_ratio: float | dict[str, float] | None) -> dict[int, list[int]]:
+                 max_ratio: float | dict[str, float] | None) -> dict[int, list[int]]:
     """Group index -> positions of the units to cut, members that would lose everything spared."""
     ratios = per_group(scored.groups, ratio, 0.0) if isinstance(ratio, dict) else ratio
     caps = per_group(scored.groups, max_ratio, 1.0 if scope == "local" else 0.9)
-    chosen = choose_units(scored.analysis, scored.groups, scored.unit_scores, ratios, scope, round_to, caps)
+    chosen = choose_units(scored.analysis, scored.groups, scored.unit_scores, ratios, scope,
+                          group_quanta(scored, round_to), caps)
     protect_members(scored.analysis, {g.index: g for g in scored.groups}, chosen, scored.unit_scores, scored.unit_ids)
     return chosen
 
 
-__all__ = ["UNIT_KINDS", "Scored", "check_spec", "choose_units", "cut_mask", "dense_macs", "element_scores", "first_units", "global_order", "is_ignored", "keeps_of", "per_group", "protect_members", "removal_count", "removed_ids", "score_model", "select_units", "group_unit_scores"]
+__all__ = ["UNIT_KINDS", "Scored", "aligned", "gemm_width", "group_quanta", "check_spec", "choose_units", "cut_mask", "dense_macs", "element_scores", "first_units", "global_order", "is_ignored", "keeps_of", "per_group", "protect_members", "removal_count", "removed_ids", "score_model", "select_units", "group_unit_scores"]
