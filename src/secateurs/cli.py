@@ -12,23 +12,23 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
-from .batches import LOSSES, mean_loss
+from .batches import LOSSES
 from .criteria import get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .checkpoint import load, save
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
 from .measure import Timing, budget_text, count_parameters, measure
+from .inputs import calibration_batches, check_unstructured, example_for, quality_on, resolve_spellings
+from .progress import Steps
 from .structured import BUDGETS, UNIT_KINDS, Budget, parse_target, prune_structured
 from .structured.options import check_options
 
@@ -83,41 +83,6 @@ def _round_to(text: str) -> int | str:
     return text if text == "auto" else _positive_int(text)
 
 
-class _Steps:
-    """Progress of long work: a live bar in a terminal; in a log, a line when a step starts and when it ends.
-
-    `with steps("training", total=24) as update: ... update(done, total)`. Outside a
-    terminal, steps with many parts also print a line at each quarter.
-    """
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-
-    def _line(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-    @contextlib.contextmanager
-    def __call__(self, text: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
-        started = time.perf_counter()
-        if self.console.is_terminal:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=self.console, transient=True) as progress:
-                task = progress.add_task(text, total=total)
-                yield lambda done, total: progress.update(task, completed=done, total=total)
-            self._line(f"{text}: done in {time.perf_counter() - started:.1f} s")
-            return
-        self._line(f"{text} ...")
-        shown = [0]
-
-        def update(done: int, total: int) -> None:
-            if total >= 8 and done < total and 4 * done // total > shown[0]:
-                shown[0] = 4 * done // total
-                self._line(f"  {done}/{total} ({time.perf_counter() - started:.0f} s)")
-
-        yield update
-        self._line(f"  done in {time.perf_counter() - started:.1f} s")
-
-
 def _add_remove_keep(p: argparse.ArgumentParser, remove: str, keep: str) -> None:
     p.add_argument("--remove", type=_ratio, default=None, metavar="F", help=remove)
     p.add_argument("--keep", default=None, metavar="COST=F", help=keep)
@@ -139,7 +104,7 @@ def _add_selection(p: argparse.ArgumentParser, method_default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .examples.digits import DEMO_EPOCHS, DEMO_LATENCY_BATCH, DEMO_METHOD, DEMO_PATTERN, DEMO_SPARSITY, DEMO_TARGET
+    from .examples.demo import DEMO_EPOCHS, DEMO_LATENCY_BATCH, DEMO_METHOD, DEMO_PATTERN, DEMO_SPARSITY, DEMO_TARGET
 
     parser = _Parser(prog="secateurs", description="Prune trained PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -274,28 +239,6 @@ def _check_common(args: argparse.Namespace) -> None:
     resolve_sparsity(args.sparsity, args.pattern)
 
 
-def _one_of(args: argparse.Namespace, new: str, old: str) -> None:
-    """Copy `--new` into the old option's place; both given is a mistake."""
-    value = getattr(args, new, None)
-    if value is None:
-        return
-    if getattr(args, old) is not None:
-        raise InvalidArgument(f"--{new} and --{old} say the same thing: give one of them")
-    setattr(args, old, value)
-
-
-def _spellings(args: argparse.Namespace) -> None:
-    """`--remove` and `--keep` into the options they mean: --sparsity or --ratio, and --target."""
-    if args.remove is not None and args.command == "prune" and args.structured:
-        _one_of(args, "remove", "ratio")
-    elif args.remove is not None:
-        if args.command == "demo":
-            args.sparsity = None   # the demo's own default gives way
-        _one_of(args, "remove", "sparsity")
-    if hasattr(args, "keep"):
-        _one_of(args, "keep", "target")
-
-
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -323,53 +266,10 @@ def _table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
     return table
 
 
-def _share(value: float, dense: float) -> str:
-    return f"{value / dense:.0%}" if dense else "-"
-
-
-def _demo_table(demo: Any) -> Table:
-    """One row per model: accuracy right after the cut and recovered, costs with their share of dense, latency."""
-    dense, timing = demo.dense.after, demo.dense.timing
-    table = Table(title=f"digits CNN: dense, and pruned then distilled {demo.epochs} epochs "
-                        f"(latency: batch of {demo.latency_batch}, {demo.threads} thread{'s' * (demo.threads > 1)})")
-    for column in ("model", "accuracy (cut → recovered)", "params", "non-zero", "MACs / image", "bytes",
-                   "latency ms", "speedup"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for entry in [demo.dense] + demo.variants:
-        m = entry.after
-        accuracy = f"{m.accuracy:.2%}" if entry is demo.dense else f"{entry.cut.accuracy:.2%} → {m.accuracy:.2%}"
-        table.add_row(entry.label, accuracy, f"{m.params:,} ({_share(m.params, dense.params)})",
-                      _share(m.nonzeros, dense.nonzeros), f"{m.macs:,} ({_share(m.macs, dense.macs)})",
-                      f"{m.size_bytes:,} ({_share(m.size_bytes, dense.size_bytes)})", entry.timing.text,
-                      "1.00x" if entry is demo.dense else entry.timing.speedup(timing))
-    return table
-
-
-def _demo_metrics(demo: Any) -> dict[str, Any]:
-    """metrics.json: `before` / `after` (dense / the structured model), its plan, and every variant's stages."""
-    from .run import layer_table
-
-    headline = demo.variants[0]
-    return {
-        "before": demo.dense.after.to_dict(), "after": headline.after.to_dict(),
-        "pruned_before_finetune": {"accuracy": headline.cut.accuracy},
-        "plan": headline.plan.to_dict(), "seed": demo.seed,
-        "latency": {"batch": demo.latency_batch, "threads": demo.threads, "timer": "torch.utils.benchmark",
-                    "spread": "latency_iqr_ms: interquartile range of the timed blocks"},
-        "layers": {"before": layer_table(demo.dense.model), "after": layer_table(headline.model)},
-        "variants": [{"name": v.name, "what": v.what, "layers": layer_table(v.model),
-                      "budget": getattr(v.plan, "budget", None),
-                      "stages": [{"stage": "cut", "measurement": v.cut.to_dict()},
-                                 {"stage": "distilled", "measurement": v.after.to_dict()}]}
-                     for v in demo.variants],
-    }
-
-
 def run_demo(args: argparse.Namespace, console: Console) -> int:
-    from .examples.digits import DEMO_TARGET, demo
-    from .report import build_report
+    from .examples.demo import DEMO_TARGET, demo
 
-    _spellings(args)
+    resolve_spellings(args)
     get_criterion(args.method)
     resolve_sparsity(args.sparsity, None)
     resolve_sparsity(None, args.pattern)
@@ -377,23 +277,15 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileProblem(f"output path {out} exists and is not a directory")
-    steps = _Steps(console)
+    steps = Steps(console)
     result = demo(target=_at_threads(args.target or DEMO_TARGET, args.threads), sparsity=args.sparsity, pattern=args.pattern,
                   method=args.method, epochs=args.epochs, threads=args.threads, latency_batch=args.latency_batch,
                   seed=args.seed, only_structured=args.structured, step=steps)
-    metrics = _demo_metrics(result)
     with steps("writing the structured model, metrics.json and the report"):
-        with staged_output(out) as stage:
-            save(result.variants[0].model, stage, result.variants[0].plan)
-            (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        page = build_report([out], out / "report", overwrite=True)
-    console.print(_demo_table(result))
-    console.print("; ".join(f"{v.name}: {v.what}" for v in result.variants)
-                  + f"; each scored by {args.method}, then distilled from the dense model", highlight=False,
-                  soft_wrap=True)
-    console.print(f"accuracy: the {result.test_images} held-out test images; latency: median ± half the interquartile "
-                  "range of torch.utils.benchmark's timed blocks, \"within noise\" where the spreads cover the difference",
-                  highlight=False, soft_wrap=True)
+        page = result.write(out)
+    console.print(result.table())
+    for line in result.notes(args.method):
+        console.print(line, highlight=False, soft_wrap=True)
     for what, where in (("model", f"{out / 'model.safetensors'} (+ plan.json; secateurs.load(DigitsCNN(), "
                                   f"'{out}') rebuilds it)"),
                         ("metrics", out / "metrics.json"), ("report", page)):
@@ -403,64 +295,12 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _calibration(path: str | None, batch_size: int, trust_pickle: bool) -> list[Any] | None:
-    if path is None:
-        return None
-    tensors = load_state(path, trust_pickle=trust_pickle)
-    if "inputs" not in tensors:
-        raise FileProblem(f"calibration file {path} has no 'inputs' tensor (found: {', '.join(sorted(tensors)) or 'nothing'})")
-    if batch_size < 1:
-        raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
-    inputs = tensors["inputs"]
-    targets = tensors.get("targets", tensors.get("labels"))
-    if targets is not None and len(targets) != len(inputs):
-        raise FileProblem(f"calibration file {path}: {len(inputs)} inputs but {len(targets)} targets")
-    if targets is None:
-        return list(inputs.split(batch_size))
-    return list(zip(inputs.split(batch_size), targets.split(batch_size)))
-
-
-def _example_input(shape: str | None, dtype: str = "float") -> torch.Tensor | None:
-    if shape is None:
-        return None
-    try:
-        dims = [int(d) for d in shape.split(",")]
-    except ValueError:
-        dims = []
-    if not dims or any(d < 1 for d in dims):
-        raise InvalidArgument(f"--input-shape must be positive integers separated by commas, e.g. 1,3,224,224; got {shape!r}")
-    generator = torch.Generator().manual_seed(0)
-    if dtype == "long":
-        return torch.randint(0, 2, dims, generator=generator)
-    return torch.randn(dims, generator=generator)
-
-
-def _runs(model: torch.nn.Module, example: torch.Tensor) -> str | None:
-    """None if `model` runs on `example`, else the first line of its error."""
-    try:
-        with torch.no_grad():
-            model(example)
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return None
-
-
-def _example_for(model: torch.nn.Module, shape: str, console: Console, dtype: str = "float") -> torch.Tensor:
-    """The example input of `--input-shape`, checked on the model; a forgotten batch dimension is added, with a note.
-
-    A shape the model does not run on, with or without a leading batch of 1, is one line.
-    """
-    example = _example_input(shape, dtype)
-    problem = _runs(model, example)
-    if problem is None:
-        return example
-    batched = example.unsqueeze(0)
-    if _runs(model, batched) is None:
-        console.print(f"note: the model does not run on --input-shape {shape} but does on 1,{shape}: "
-                      "using 1 as the batch dimension", highlight=False, soft_wrap=True)
-        return batched
-    raise InvalidArgument(f"the model does not run on an input of shape {shape} (nor with a batch of 1 "
-                          f"in front): {problem}")
+def _example(model: torch.nn.Module, shape: str, console: Console, dtype: str = "float") -> torch.Tensor:
+    """`--input-shape`'s example, checked on the model; a note when a batch of 1 had to be put in front."""
+    example, note = example_for(model, shape, dtype)
+    if note:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    return example
 
 
 def _check_structured(args: argparse.Namespace) -> None:
@@ -470,15 +310,6 @@ def _check_structured(args: argparse.Namespace) -> None:
         raise InvalidArgument("--structured needs exactly one of --remove F (--ratio: fraction of each group's "
                               "channels) or --keep COST=F (--target, e.g. macs=0.5)")
     check_options(ratio=args.ratio, target=args.target, method=args.method or "l2")
-
-
-def _check_unstructured(args: argparse.Namespace) -> None:
-    """Structured-only options without --structured: say so, instead of asking for a sparsity."""
-    for name, given in (("--target", args.target), ("--ratio", args.ratio)):
-        if given is not None:
-            spelled = {"--target": "--keep / --target", "--ratio": "--ratio"}[name]
-            raise InvalidArgument(f"{spelled} {given} removes whole channels: add --structured "
-                                  "(or give --remove F / --sparsity F to zero weights)")
 
 
 def _at_threads(target: str | None, threads: int) -> str | None:
@@ -491,25 +322,8 @@ def _at_threads(target: str | None, threads: int) -> str | None:
     return str(Budget(budget.key, budget.value, threads))
 
 
-def _quality(model: torch.nn.Module, data: list[Any] | None, loss: str) -> dict[str, float]:
-    """The loss and, for class labels with cross-entropy, the accuracy on calibration batches with targets."""
-    if not data or not isinstance(data[0], tuple):
-        return {}
-    from .recover.finetune import evaluate_accuracy
-
-    try:
-        result = {"loss": mean_loss(model, data, LOSSES[loss])}
-        targets = data[0][1]
-        if loss == "cross_entropy" and not targets.is_floating_point() and targets.dim() == 1:
-            result["accuracy"] = evaluate_accuracy(model, data)
-    except (RuntimeError, ValueError, IndexError) as exc:
-        raise InvalidArgument(f"the calibration targets do not fit the model's outputs with --loss {loss}: "
-                              f"{str(exc).splitlines()[0]}") from None
-    return result
-
-
 def run_prune(args: argparse.Namespace, console: Console) -> int:
-    _spellings(args)
+    resolve_spellings(args)
     if args.hf is not None:
         return run_prune_hf(args, console)
     _refuse_given(args, _HF_ONLY, "--model (it is for --hf)")
@@ -520,7 +334,7 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
         _check_structured(args)
         args.method = args.method or "l2"
     else:
-        _check_unstructured(args)
+        check_unstructured(args)
         args.method = args.method or "magnitude"
         _check_common(args)
     inputs = [args.weights] + ([args.calib] if args.calib else [])
@@ -528,8 +342,8 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
     model = build_model(args.model)
     load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
     model.eval()
-    data = _calibration(args.calib, args.batch_size, args.trust_pickle)
-    example = _example_for(model, args.input_shape, console) if args.input_shape else None
+    data = calibration_batches(args.calib, args.batch_size, args.trust_pickle)
+    example = _example(model, args.input_shape, console) if args.input_shape else None
     if example is None and data:
         first = data[0][0] if isinstance(data[0], tuple) else data[0]
         example = first[:1]
@@ -538,7 +352,7 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
 
     def measured(m: torch.nn.Module) -> dict[str, Any]:
         costs = measure(m, example, threads=args.threads).to_dict() if example is not None else _static_costs(m)
-        return {**costs, **_quality(m, data, args.loss)}
+        return {**costs, **quality_on(m, data, args.loss)}
 
     try:
         before = measured(model)
@@ -548,14 +362,14 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
 
     dense_layers = layer_table(model)
     if args.structured:
-        with _Steps(console)(f"removing channels ({args.method})"):
+        with Steps(console)(f"removing channels ({args.method})"):
             plan = prune_structured(model, example, args.ratio, target=_at_threads(args.target, args.threads),
                                     method=args.method, data=data, round_to=args.round_to,
                                     loss_fn=LOSSES[args.loss], ignore=args.ignore, seed=args.seed)
         return _finish_prune(args, console, model, plan, before, measured(model),
                              f"{args.model}, structured {plan.method}: MACs {plan.macs_after / plan.macs_before:.1%} "
                              "of before", dense_layers, data)
-    with _Steps(console)(f"scoring and masking with {args.method}", len(data or [])) as update:
+    with Steps(console)(f"scoring and masking with {args.method}", len(data or [])) as update:
         scored = data
         if data is not None:
             scored = _counting(data, update)
@@ -652,7 +466,7 @@ def run_analyze(args: argparse.Namespace, console: Console) -> int:
     model = build_model(args.model)
     if args.weights:
         load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
-    example = _example_for(model.eval(), args.input_shape, console, args.input_dtype)
+    example = _example(model.eval(), args.input_shape, console, args.input_dtype)
     try:
         analysis = analyze(model, example)
     except RuntimeError as exc:
@@ -740,14 +554,14 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> int:
     out = check_output_dir(args.out, inputs, overwrite=args.overwrite or (Path(args.out) / "sensitivity.json").is_file())
     model = build_model(args.model)
     load_into(model, load_state(args.weights, trust_pickle=args.trust_pickle), source=f"weights {args.weights}")
-    data = (_calibration(args.calib, args.batch_size, args.trust_pickle) or [])[: args.max_batches]
+    data = (calibration_batches(args.calib, args.batch_size, args.trust_pickle) or [])[: args.max_batches]
     if not data or not isinstance(data[0], tuple):
         raise FileProblem(f"calibration file {args.calib} needs 'inputs' and 'targets': the metric compares with labels")
     model.eval()
-    example = data[0][0][:1] if args.input_shape is None else _example_for(model, args.input_shape, console)
+    example = data[0][0][:1] if args.input_shape is None else _example(model, args.input_shape, console)
     evaluate, higher_is_better = METRICS[args.metric]
     name = f"{args.loss} loss" if args.metric == "loss" else args.metric
-    with _Steps(console)(f"sensitivity ({args.method}, {args.mode}): one point per group and ratio") as update:
+    with Steps(console)(f"sensitivity ({args.method}, {args.mode}): one point per group and ratio") as update:
         curves = sensitivity(model, example, evaluate(data, LOSSES[args.loss]), args.ratios, method=args.method,
                              ignore=args.ignore, data=data, loss_fn=LOSSES[args.loss], higher_is_better=higher_is_better,
                              metric_name=name, mode=args.mode, cache_dir=out / "cache",
@@ -800,7 +614,7 @@ def run_export(args: argparse.Namespace, console: Console) -> int:
         if args.input_shape is None:
             raise InvalidArgument("export --model needs --input-shape (e.g. 1,3,224,224)")
         model = load(build_model(args.model), folder).eval()
-        example = _example_for(model, args.input_shape, console, args.input_dtype)
+        example = _example(model, args.input_shape, console, args.input_dtype)
     with console.status("exporting to ONNX and checking it with onnxruntime"):
         report = export_onnx(model, example, out, dynamic_batch=not args.static_batch, opset=args.opset,
                              overwrite=args.overwrite)

@@ -147,7 +147,7 @@ def layer_sparsity(run: RunRecord) -> str:
                  f"{run.name}: sparsity per layer (final model)", "tab:red", (0, 1.12))
 
 
-def latency(runs: Sequence[RunRecord]) -> str:
+def latency_plot(runs: Sequence[RunRecord]) -> str:
     """Measured latency of every run and stage: the median as a bar, the IQR as an error bar."""
     labels, medians, spreads, texts, colours = [], [], [], [], []
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -63,7 +63,7 @@ def stage_table(run: RunRecord) -> Table:
     return Table(["stage"] + [title for _, title in columns] + ["MACs, % of dense", "bytes, % of dense"], rows)
 
 
-def latency_table(runs: list[RunRecord]) -> Table:
+def timing_table(runs: list[RunRecord]) -> Table:
     """Per run and stage: the median, its spread, how it was timed, and the speedup over the run's dense model."""
     rows = []
     for run in runs:
@@ -108,7 +108,7 @@ def _figures(runs: list[RunRecord]) -> tuple[list[Figure], dict[int, list[Figure
         notes.append("No run records accuracy or a loss, so there is no accuracy-against-cost plot.")
     if plots.has_latency(runs):
         shared.append(Figure("latency", "Median milliseconds per forward pass; the error bar spans the "
-                             "interquartile range of the timed blocks.", plots.latency(runs)))
+                             "interquartile range of the timed blocks.", plots.latency_plot(runs)))
     per_run: dict[int, list[Figure]] = {}
     for i, run in enumerate(runs):
         figures = per_run.setdefault(i, [])
@@ -146,7 +146,7 @@ def _context(runs: list[RunRecord], shared: list[Figure], per_run: dict[int, lis
                    for row in run.rows if row.budget]
         sections.append({"run": run, "table": stage_table(run), "figures": per_run.get(i, []),
                          "layers_note": layers_note, "budgets": budgets})
-    return {"runs": runs, "summary": summary_table(runs), "latency": latency_table(runs), "shared": shared,
+    return {"runs": runs, "summary": summary_table(runs), "latency": timing_table(runs), "shared": shared,
             "sections": sections, "notes": notes, "precision": f"{PRECISION:.0%}",
             "max_seconds": f"{MAX_SECONDS:g}"}
 
