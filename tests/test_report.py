@@ -206,6 +206,27 @@ def test_a_prune_output_folder_is_a_run_with_accuracy(runs):
     assert plots.widths_changed(record) and not plots.sparsity_changed(record)
 
 
+def test_a_prune_hf_folder_is_a_run_with_its_held_out_quality(tmp_path):
+    """The metrics.json `secateurs prune --hf` writes (the keys llm.pipeline's records have)."""
+    folder = tmp_path / "llama-2of4"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({
+        "model": {"path": "llama", "architecture": "LlamaForCausalLM", "kind": "causal-lm"}, "out": str(folder),
+        "mode": "unstructured", "saved_as": "transformers", "config": {"method": "wanda", "seed": 0},
+        "params": {"before": 1000, "after": 1000}, "nonzeros": {"before": 1000, "after": 550},
+        "sparsity": {"pruned_layers": 0.5, "model": 0.45, "layers": {"model.layers.0.mlp.up_proj": 0.5,
+                                                                     "model.layers.0.self_attn.q_proj": 0.5}},
+        "pruning": {"method": "wanda"}, "eval": {"metric": "perplexity", "file": "held.txt", "before": 20.5,
+                                                 "after": 23.25, "details": {}},
+        "seconds": {"total": 3.0}, "versions": {}}))
+    (record,) = read_folder(folder)
+    assert [r.label for r in record.rows] == ["dense", "0:unstructured"]
+    assert record.final == {"params": 1000, "nonzeros": 550, "perplexity": 23.25}
+    page = build_report([folder], tmp_path / "report").read_text()
+    assert 'id="pareto"' in page and 'id="run0_sparsity"' in page and "<th>perplexity</th>" in page
+    assert "perplexity (lower is better)" in _figures_of(page).figures[0]["words"]
+
+
 def test_per_layer_plots_are_the_ones_that_apply_never_empty(runs, tmp_path):
     structured, unstructured = read_run(runs[0]), read_run(runs[1])
     assert plots.widths_changed(structured) and plots.sparsity_changed(structured)

@@ -97,8 +97,10 @@ def _add_selection(p: argparse.ArgumentParser, method_default: str) -> None:
                    help=f"compare scores per {', '.join(SCOPES)}")
     p.add_argument("--normalize", choices=sorted(NORMALIZERS), default="none", metavar="NORM",
                    help=f"per-layer score normalisation, global scope: {', '.join(sorted(NORMALIZERS))}")
-    p.add_argument("--max-ratio", type=_ratio, default=1.0, metavar="F", help="at most this fraction of any one layer is pruned")
-    p.add_argument("--min-ratio", type=_ratio, default=0.0, metavar="F", help="at least this fraction of every layer is pruned")
+    p.add_argument("--max-ratio", type=_ratio, default=1.0, metavar="F",
+                   help="at most this fraction of any one layer is pruned")
+    p.add_argument("--min-ratio", type=_ratio, default=0.0, metavar="F",
+                   help="at least this fraction of every layer is pruned")
     p.add_argument("--ignore", nargs="*", default=[], metavar="GLOB", help="module or parameter names to leave alone")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of random scores and data order")
 
@@ -278,8 +280,8 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
     if out.exists() and not out.is_dir():
         raise FileProblem(f"output path {out} exists and is not a directory")
     steps = Steps(console)
-    result = demo(target=_at_threads(args.target or DEMO_TARGET, args.threads), sparsity=args.sparsity, pattern=args.pattern,
-                  method=args.method, epochs=args.epochs, threads=args.threads, latency_batch=args.latency_batch,
+    result = demo(target=_at_threads(args.target or DEMO_TARGET, args.threads), sparsity=args.sparsity,
+                  pattern=args.pattern, method=args.method, epochs=args.epochs, threads=args.threads, latency_batch=args.latency_batch,
                   seed=args.seed, only_structured=args.structured, step=steps)
     with steps("writing the structured model, metrics.json and the report"):
         page = result.write(out)
@@ -529,7 +531,8 @@ def _add_sensitivity(sub: Any) -> None:
     s.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
     s.add_argument("--weights", required=True, metavar="FILE", help=".safetensors, or a torch file of plain tensors")
     s.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file you trust")
-    s.add_argument("--calib", required=True, metavar="FILE", help="tensors 'inputs' and 'targets' the metric is measured on")
+    s.add_argument("--calib", required=True, metavar="FILE",
+                   help="tensors 'inputs' and 'targets' the metric is measured on")
     s.add_argument("--metric", choices=sorted(METRICS), default="loss", help="mean loss (lower is better) or accuracy")
     s.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy", metavar="LOSS",
                    help=f"the loss: {', '.join(sorted(LOSSES))}")

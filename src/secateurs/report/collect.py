@@ -4,6 +4,8 @@ Any folder with a metrics.json that secateurs wrote is a run:
 
 - `secateurs run`: the dense model, then one row per stage (`dense`, `stages`);
 - `secateurs prune`: the model before and after (`before`, `after`);
+- `secateurs prune --hf`: parameters, non-zeros, MACs and the held-out quality before and
+  after (`params`, `nonzeros`, `eval`, ... each with `before` / `after`);
 - `secateurs demo`: the dense model and, per variant (structured, unstructured, 2:4),
   the model right after the cut and after recovery (`variants`), each read as a run of
   its own named `folder/variant`.
@@ -20,7 +22,8 @@ import yaml
 from ..errors import FileProblem
 
 # Columns of the per-stage table: (key in a measurement, header).
-COLUMNS = (("accuracy", "accuracy"), ("loss", "loss"), ("params", "params"), ("nonzeros", "non-zeros"),
+COLUMNS = (("accuracy", "accuracy"), ("loss", "loss"), ("perplexity", "perplexity"),
+           ("embedding_cosine", "embedding cosine"), ("params", "params"), ("nonzeros", "non-zeros"),
            ("macs", "MACs"), ("size_bytes", "bytes"), ("dense_size_bytes", "dense bytes"))
 
 
@@ -130,6 +133,26 @@ def _before_after(path: Path, name: str, metrics: dict[str, Any]) -> list[RunRec
     return records
 
 
+def _hf_prune(path: Path, name: str, metrics: dict[str, Any]) -> list[RunRecord]:
+    """A folder `secateurs prune --hf` wrote: the checkpoint before and after, per-layer sparsity."""
+    def side(which: str) -> dict[str, Any]:
+        measurement = {key: (metrics.get(key) or {}).get(which) for key in ("params", "nonzeros")}
+        macs = (metrics.get("pruning") or {}).get("macs")
+        if isinstance(macs, dict):
+            measurement["macs"] = macs.get(which)
+        if metrics.get("eval"):
+            measurement[metrics["eval"]["metric"]] = metrics["eval"].get(which)
+        return measurement
+
+    layers = [{"name": layer, "sparsity": value}
+              for layer, value in ((metrics.get("sparsity") or {}).get("layers") or {}).items()]
+    rows = [StageRow(-1, "dense", False, side("before")), StageRow(0, str(metrics.get("mode", "prune")), False,
+                                                                   side("after"))]
+    return [RunRecord(name=name, path=str(path.resolve()), config_hash="",
+                      seed=int((metrics.get("config") or {}).get("seed") or 0), versions=metrics.get("versions", {}),
+                      rows=rows, dense_layers=[], final_layers=layers, kind="prune --hf")]
+
+
 def read_folder(path: str | Path, name: str | None = None) -> list[RunRecord]:
     """The runs in the output folder at `path`: one, or one per variant of a demo folder."""
     path = Path(path)
@@ -142,6 +165,8 @@ def read_folder(path: str | Path, name: str | None = None) -> list[RunRecord]:
         return [_recipe_run(path, name, metrics)]
     if isinstance(metrics, dict) and isinstance(metrics.get("before"), dict) and isinstance(metrics.get("after"), dict):
         return _before_after(path, name, metrics)
+    if isinstance(metrics, dict) and "saved_as" in metrics and isinstance(metrics.get("params"), dict):
+        return _hf_prune(path, name, metrics)
     raise FileProblem(f"{path}/metrics.json has neither a dense measurement (`secateurs run`) nor before/after "
                       "(`secateurs prune`, `secateurs demo`)")
 

@@ -36,14 +36,17 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg"):]    # drop the XML prolog and doctype: the SVG goes inline in HTML
 
 
-def quality_key(runs: Sequence[RunRecord]) -> tuple[str, str] | None:
-    """The quality the runs record: ("accuracy", label) if any row has accuracy, else the loss; None if neither."""
+# What a report can plot a model's quality as, in order of preference:
+# (measurement key, axis label, whether higher is better, scale shown).
+QUALITIES = (("accuracy", "accuracy (%)", True, 100.0), ("loss", "loss (lower is better)", False, 1.0),
+             ("perplexity", "perplexity (lower is better)", False, 1.0),
+             ("embedding_cosine", "embedding cosine to the dense model", True, 1.0))
+
+
+def quality_key(runs: Sequence[RunRecord]) -> tuple[str, str, bool, float] | None:
+    """The first of QUALITIES some row records, or None: accuracy where there is one, else the loss, ..."""
     rows = [row.measurement for run in runs for row in run.rows]
-    if any(m.get("accuracy") is not None for m in rows):
-        return "accuracy", "accuracy (%)"
-    if any(m.get("loss") is not None for m in rows):
-        return "loss", "loss (lower is better)"
-    return None
+    return next((q for q in QUALITIES if any(m.get(q[0]) is not None for m in rows)), None)
 
 
 def _relative(run: RunRecord, row: StageRow, key: str) -> float | None:
@@ -65,8 +68,7 @@ def pareto(runs: Sequence[RunRecord]) -> str:
     Colour names the run, marker shape the stage; points on the Pareto front of a panel
     are ringed. Latency points carry their spread (IQR) as a horizontal bar.
     """
-    key, label = quality_key(runs)
-    higher = key == "accuracy"
+    key, label, higher, scale = quality_key(runs)
     stages = list(dict.fromkeys(row.stage for run in runs for row in run.rows_shown()))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     with plt.rc_context(_SVG_STYLE):
@@ -78,7 +80,7 @@ def pareto(runs: Sequence[RunRecord]) -> str:
                     x, y = _relative(run, row, cost), row.measurement.get(key)
                     if x is None or y is None:
                         continue
-                    y = 100 * y if higher else y
+                    y = scale * y
                     points.append((x, y))
                     spread = (row.measurement.get("latency_iqr_ms") or 0) / 2 / run.dense["latency_ms"] \
                         if cost == "latency_ms" else 0
@@ -119,7 +121,7 @@ def _barh(names: list[str], values: list[float], texts: list[str], xlabel: str, 
 
 def widths_changed(run: RunRecord) -> bool:
     """Whether the run removed whole channels somewhere: a layer's output width shrank or a layer is gone."""
-    final = {layer["name"]: layer["width"] for layer in run.final_layers}
+    final = {layer["name"]: layer.get("width", 0) for layer in run.final_layers}
     return any(final.get(layer["name"], 0) < layer["width"] for layer in run.dense_layers)
 
 
