@@ -6,11 +6,12 @@ init) every arm prunes its own copy of one dense model with the L2-magnitude cri
 - `tp_uniform`: Torch-Pruning 1.6.1, `MetaPruner(pruning_ratio=0.5)` (half of every
   layer's channels, the classifier kept; its defaults otherwise);
 - `tp_round8`: the same with `round_to=8`;
-- `sc_target`: secateurs `target="macs=<f>"`, f the fraction Torch-Pruning reached,
-  `round_to` left at its default ("auto": free on the CPU, 8 for fp16/bf16 on a GPU);
+- `sc_target`: secateurs `target="macs=<f>"`, f the fraction Torch-Pruning reached, with
+  its defaults: one ratio for every group (scope "local") and `round_to="auto"` (free on
+  the CPU, 8 for fp16/bf16 on a GPU);
 - `sc_target_round8`: the same target with `round_to=8`;
-- `sc_uniform_target`: the same target with `scope="local"`: one ratio for every group
-  (Torch-Pruning's shape), searched to meet the MACs;
+- `sc_target_global`: the same target with `scope="global"`: units ranked across groups
+  (uneven widths);
 - `sc_uniform_round8`: secateurs `ratio=0.5` (half of every group, Torch-Pruning's shape)
   with `round_to=8`.
 
@@ -103,7 +104,7 @@ def arms(case: Case, dense: nn.Module, x: torch.Tensor, device: torch.device,
     example = x.to(device, dtype)
     secateurs_arms = {"sc_target": {"target": f"macs={fraction:.4f}"},
                       "sc_target_round8": {"target": f"macs={fraction:.4f}", "round_to": 8},
-                      "sc_uniform_target": {"target": f"macs={fraction:.4f}", "scope": "local"},
+                      "sc_target_global": {"target": f"macs={fraction:.4f}", "scope": "global"},
                       "sc_uniform_round8": {"ratio": 0.5, "round_to": 8}}
     for arm, options in secateurs_arms.items():
         model = copy.deepcopy(dense).to(device, dtype)   # pruned where it runs, in its own dtype
