@@ -6,11 +6,12 @@ init) every arm prunes its own copy of one dense model with the L2-magnitude cri
 - `tp_uniform`: Torch-Pruning 1.6.1, `MetaPruner(pruning_ratio=0.5)` (half of every
   layer's channels, the classifier kept; its defaults otherwise);
 - `tp_round8`: the same with `round_to=8`;
-- `sc_target`: secateurs `target="macs=<f>"`, f the fraction Torch-Pruning reached,
-  `round_to` left at its default ("auto": free on the CPU, 8 for fp16/bf16 on a GPU);
+- `sc_target`: secateurs `target="macs=<f>"`, f the fraction Torch-Pruning reached, with
+  its defaults: one ratio for every group (scope "local") and `round_to="auto"` (free on
+  the CPU, 8 for fp16/bf16 on a GPU);
 - `sc_target_round8`: the same target with `round_to=8`;
-- `sc_uniform_target`: the same target with `scope="local"`: one ratio for every group
-  (Torch-Pruning's shape), searched to meet the MACs;
+- `sc_target_global`: the same target with `scope="global"`: units ranked across groups
+  (uneven widths);
 - `sc_uniform_round8`: secateurs `ratio=0.5` (half of every group, Torch-Pruning's shape)
   with `round_to=8`.
 
@@ -26,7 +27,7 @@ Torch-Pruning is not a dependency of secateurs; install it for this benchmark on
 
     .venv/bin/python -m pip install --constraint constraints.txt --no-deps torch-pruning==1.6.1
     .venv/bin/python benchmarks/speed.py --device cpu --threads 2 --batches 1 32 [--onnx]
-    python benchmarks/speed.py --device cuda --dtype fp16 --batches 1 256   # the GPU rows
+    python benchmarks/speed.py --device cuda --batches 1 256 --rounds 5   # the GPU rows: fp16 and bf16, < 8 min on an H200
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def arms(case: Case, dense: nn.Module, x: torch.Tensor, device: torch.device,
     example = x.to(device, dtype)
     secateurs_arms = {"sc_target": {"target": f"macs={fraction:.4f}"},
                       "sc_target_round8": {"target": f"macs={fraction:.4f}", "round_to": 8},
-                      "sc_uniform_target": {"target": f"macs={fraction:.4f}", "scope": "local"},
+                      "sc_target_global": {"target": f"macs={fraction:.4f}", "scope": "global"},
                       "sc_uniform_round8": {"ratio": 0.5, "round_to": 8}}
     for arm, options in secateurs_arms.items():
         model = copy.deepcopy(dense).to(device, dtype)   # pruned where it runs, in its own dtype
@@ -205,7 +206,8 @@ def bench(case: Case, args: argparse.Namespace, device: torch.device, dtype: tor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on cpu, fp16 on cuda")
+    parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="one or more; default: fp32 on cpu, fp16 and bf16 on cuda")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads (torch and onnxruntime)")
     parser.add_argument("--rounds", type=int, default=7)
@@ -215,13 +217,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtypes = args.dtype or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     chosen = [c for c in cases(args.quick) if args.models is None or c.name in args.models]
-    results = [bench(case, args, device, dtype) for case in chosen]
+    results = [{"dtype": name, **bench(case, args, device, DTYPES[name])} for name in dtypes for case in chosen]
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "dtype": str(dtype), "threads": args.threads, "torch": torch.__version__,
+                      "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "torch": torch.__version__,
                       "torch_pruning": getattr(torch_pruning, "__version__", None), "rounds": args.rounds,
                       "results": results}, indent=1))
 

@@ -205,7 +205,7 @@ def recipe(out: Path) -> dict:
     record = {"out_dir": str(result.out_dir), "metrics": without_timing(result.metrics["stages"]),
               "checkpoints": {c.name: state_digest(load_state(c / "state.safetensors")) for c in checkpoints}}
     if world()[0] == 0:
-        from secateurs.io import load
+        from secateurs.checkpoint import load
         from secateurs.recover import evaluate_accuracy
 
         model = load(build(), result.out_dir / "model")

@@ -118,3 +118,15 @@ def test_modules_fit_in_a_sitting():
     long = {_module_name(p): n for p in ROOT.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES and _module_name(p) not in LONG_ALLOWED}
     assert long == {}, long
+
+
+def test_moved_names_keep_working():
+    import pytest
+
+    import secateurs.io
+    from secateurs import checkpoint, hf
+
+    with pytest.warns(DeprecationWarning, match="moved to secateurs.checkpoint"):
+        assert secateurs.io.load is checkpoint.load and secateurs.io.save is checkpoint.save
+    assert secateurs.load is checkpoint.load
+    assert hf.fit_config is not None and hf.update_config is not None   # re-exported from hf_config

@@ -24,12 +24,8 @@ from typing import Any, Callable
 from torch import nn
 
 from .errors import FileProblem, InvalidArgument, MissingData
-from .hf_config import (
-    add_zero_biases,
-    fit_config,
-    is_hf_model,
-    missing_biases,
-)
+from .hf_config import add_zero_biases, fit_config, is_hf_model, missing_biases, update_config
+
 from .io import (
     WEIGHTS_FILE,
     check_output_dir,
@@ -122,4 +118,4 @@ def load_pretrained(in_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["fit_config", "is_hf_model", "load_pretrained", "register_conv1d", "save_pretrained"]
+__all__ = ["fit_config", "is_hf_model", "load_pretrained", "register_conv1d", "save_pretrained", "update_config"]

@@ -300,3 +300,15 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 __all__ = ["load_state", "load_into", "save_weights", "dense_bytes", "sparse_bytes"]
+
+
+def __getattr__(name: str):
+    """`secateurs.io.save` / `load` moved to `secateurs.checkpoint` (plans live there, not in the file layer)."""
+    if name in ("save", "load"):
+        import importlib
+        import warnings
+
+        warnings.warn(f"secateurs.io.{name} moved to secateurs.checkpoint.{name} (also secateurs.{name})",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(".checkpoint", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
