@@ -202,8 +202,5 @@ def _demo(target: str, sparsity: float, pattern: str, method: str, epochs: int, 
     return Demo(base, variants, threads, len(timed), epochs, seed, len(data.test_y))
 
 
-
-
-
 __all__ = ["DEMO_EPOCHS", "DEMO_LATENCY_BATCH", "DEMO_METHOD", "DEMO_PATTERN", "DEMO_SPARSITY", "DEMO_TARGET", "Demo",
            "DemoModel", "demo"]
