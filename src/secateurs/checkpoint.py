@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .blocks import replay_blocks
+from .errors import FileProblem
 from .io import (
     PLAN_FILE,
     SPARSE_WEIGHTS_FILE,
@@ -73,6 +74,20 @@ def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) 
     return out
 
 
+def read_plan(path: Path) -> dict[str, Any]:
+    """plan.json's content, checked against `plan_schema` ({} when there is none); FileProblem otherwise."""
+    from .plan_schema import parse_plan
+
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        parse_plan(record)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:   # InvalidArgument and JSONDecodeError included
+        raise FileProblem(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return record
+
+
 def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -> nn.Module:
     """Load what `save` wrote into a fresh `model` built by the original factory.
 
@@ -81,16 +96,19 @@ def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -
     their zeros, so fine-tuning the loaded model keeps them pruned.
     """
     src = Path(in_dir)
-    plan_path = src / PLAN_FILE
-    record = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    record = read_plan(src / PLAN_FILE)
+    weights = src / WEIGHTS_FILE
+    if not weights.is_file():
+        weights = src / SPARSE_WEIGHTS_FILE
+    state = load_state(weights)   # read before anything is cut: a bad file leaves the model as it was
+    for name in record.get("masked", []) if keep_masks else []:
+        if name not in state:
+            raise FileProblem(f"{src / PLAN_FILE}: masked names {name!r}, which {weights.name} does not hold")
     for step in record.get("steps", [record]):
         for kind, replay_step in _REPLAYS.items():
             if step.get(kind):
                 replay_step(model, step)
-    weights = src / WEIGHTS_FILE
-    if not weights.is_file():
-        weights = src / SPARSE_WEIGHTS_FILE
-    load_into(model, load_state(weights), source=str(weights))
+    load_into(model, state, source=str(weights))
     if keep_masks:
         for name in record.get("masked", []):
             module_name, _, param_name = name.rpartition(".")

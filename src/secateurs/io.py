@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 try:
     import fcntl
@@ -82,18 +83,56 @@ def _encode(state: dict[str, torch.Tensor], sparse: bool) -> tuple[dict[str, tor
     return encoded, metadata
 
 
+def _metadata_entry(metadata: dict[str, str], key: str, schema: Any) -> dict[str, Any]:
+    """One JSON entry of the file's metadata, checked against `schema` (a pydantic type)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(schema).validate_json(metadata.get(key, "{}"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise FileProblem(f"metadata {key}{' at ' + where if where else ''}: {first['msg']}") from None
+
+
+def _sparse_schemas() -> tuple[Any, Any]:
+    from typing import Annotated
+
+    from pydantic import Field, StrictInt, StrictStr
+
+    name = Annotated[StrictStr, Field(min_length=1)]
+    return dict[name, list[Annotated[StrictInt, Field(ge=0)]]], dict[name, name]
+
+
+def _densify(name: str, tensors: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    """One sparse tensor made dense again, after checking its parts agree (so nothing allocates
+    more than the file's own bitmask vouches for)."""
+    values, bits = tensors.get(f"{name}/values"), tensors.get(f"{name}/bitmask")
+    if values is None or bits is None:
+        raise FileProblem(f"sparse tensor {name!r} lacks its values or bitmask")
+    numel = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
+        raise FileProblem(f"sparse tensor {name!r}: a bitmask of {bits.numel()} bytes does not fit shape {shape}")
+    mask = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(bool))
+    if values.dim() != 1 or values.numel() != int(mask.sum()):
+        raise FileProblem(f"sparse tensor {name!r}: {values.numel()} values for {int(mask.sum())} non-zeros")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[mask] = values
+    return dense.reshape(shape)
+
+
 def _decode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """The state `_encode` stored; FileProblem when the metadata does not describe the tensors."""
     metadata = metadata or {}
-    shapes = json.loads(metadata.get(_SPARSE_KEY, "{}"))
+    shapes_schema, aliases_schema = _sparse_schemas()
+    shapes = _metadata_entry(metadata, _SPARSE_KEY, shapes_schema)
+    aliases = _metadata_entry(metadata, _ALIAS_KEY, aliases_schema)
     state = {k: v for k, v in tensors.items() if k.rsplit("/", 1)[0] not in shapes}
     for name, shape in shapes.items():
-        values, bits = tensors[f"{name}/values"], tensors[f"{name}/bitmask"].numpy()
-        numel = int(np.prod(shape))
-        mask = torch.from_numpy(np.unpackbits(bits, count=numel).astype(bool))
-        dense = torch.zeros(numel, dtype=values.dtype)
-        dense[mask] = values
-        state[name] = dense.reshape(shape)
-    for alias, stored in json.loads(metadata.get(_ALIAS_KEY, "{}")).items():
+        state[name] = _densify(name, tensors, shape)
+    for alias, stored in aliases.items():
+        if stored not in state:
+            raise FileProblem(f"alias {alias!r} points to {stored!r}, which the file does not hold")
         state[alias] = state[stored]
     return state
 
@@ -134,7 +173,10 @@ def load_state(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str,
         raise FileProblem(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            state = _read_safetensors(path)
+            try:
+                state = _read_safetensors(path)
+            except FileProblem as exc:
+                raise FileProblem(f"{path} is not a weights file secateurs wrote: {exc}") from None
         else:
             state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:

@@ -1,0 +1,160 @@
+"""Hostile and careless inputs: each ends in one SecateursError line, with nothing changed."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs as sc
+from secateurs.errors import FileProblem, InvalidArgument, SecateursError
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+
+
+class Attention(nn.Module):
+    """A hand-written attention block that keeps its head count in an int attribute."""
+
+    def __init__(self, dim: int = 8, num_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.flag = num_heads, True
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(self.qkv(x)[..., : self.proj.in_features])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A pruned MLP saved to a folder, and its plan.json as a dict."""
+    model = mlp()
+    plan = sc.prune_structured(model, ratio=0.5, example_inputs=torch.randn(2, 4))
+    sc.save(model, tmp_path / "pruned", plan)
+    return tmp_path / "pruned", json.loads((tmp_path / "pruned" / "plan.json").read_text())
+
+
+def _load_tampered(folder, text: str):
+    (folder / "plan.json").write_text(text)
+    fresh = mlp()
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(SecateursError) as info:
+        sc.load(fresh, folder)
+    assert "\n" not in str(info.value)
+    after = fresh.state_dict()   # nothing was cut: the model is as it was
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", "null", '"a string"', "17", "\xff"])
+def test_plan_that_is_not_an_object_is_one_line(saved, text):
+    folder, _ = saved
+    assert "plan" in _load_tampered(folder, text)
+
+
+def _edit(record: dict, key: str, value) -> str:
+    record = copy.deepcopy(record)
+    record["keeps"][key] = value
+    return json.dumps(record)
+
+
+@pytest.mark.parametrize("keep, words", [
+    ([0, 3.0, 5, 6], "integer"), ([0, "3", 5, 6], "integer"), ([0, True, 5, 6], "integer"),
+    ([3, 0, 5, 6], "sorted"), ([0, 3, 3, 6], "unique"), ([0, 3, 5, 99], "outside"), ([-1, 3, 5, 6], "greater"),
+    ([], "keeps no position"), ([0, 3, 5, 7], "differently")])
+def test_bad_keeps_are_refused_before_any_cut(saved, keep, words):
+    folder, record = saved
+    assert words in _load_tampered(folder, _edit(record, "0.bias:0", keep))
+
+
+@pytest.mark.parametrize("key, words", [(":0", "module.parameter:dim"), ("0.weight", "module.parameter:dim"),
+                                        ("nope.weight:0", "does not have"), ("0.weight:5", "dimensions")])
+def test_bad_keep_names_are_refused(saved, key, words):
+    folder, record = saved
+    assert words in _load_tampered(folder, _edit(record, key, [0, 1]))
+
+
+def test_masked_name_that_is_not_a_parameter_is_refused(saved):
+    folder, record = saved
+    assert "does not hold" in _load_tampered(folder, json.dumps({**record, "masked": ["0.forward"]}))
+    assert "masked" in _load_tampered(folder, json.dumps({**record, "masked": [""]}))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"forward": 1}, "not a head-count"), ({"training": 0}, "not a head-count"), ({"qkv": 1}, "not a head-count"),
+    ({"num_heads": True}, "integer"), ({"num_heads": 1.0}, "integer"), ({"num_heads": 0}, "greater"),
+    ({"num_heads": 5}, "only lowers"), ({"heads": 1}, "no integer attribute")])
+def test_attributes_only_lower_known_head_counts(changes, words):
+    model = Attention()
+    with pytest.raises(InvalidArgument, match=words):
+        sc.structured.replay(model, {"keeps": {}, "attributes": {"": changes}})
+    assert model.num_heads == 2 and model.flag is True and type(model).forward is Attention.forward
+    assert "forward" not in model.__dict__
+
+
+def test_attributes_on_a_missing_module_are_refused():
+    with pytest.raises(InvalidArgument, match="does not have"):
+        sc.structured.replay(Attention(), {"attributes": {"nope": {"num_heads": 1}}})
+
+
+def test_a_valid_head_count_still_replays():
+    model = Attention()
+    sc.structured.replay(model, {"keeps": {}, "attributes": {"": {"num_heads": 1}}})
+    assert model.num_heads == 1
+
+
+@pytest.mark.parametrize("blocks, words", [
+    ({"removed": [""]}, "at least 1"), ({"removed": ["1", "1"]}, "unique"), ({"removed": [1]}, "string"),
+    ({"removed": ["1"], "how": {"1": "explode"}}, "delete"), ({"removed": ["9"]}, "does not have"),
+    ({"removed": ["x.y"]}, "does not have")])
+def test_bad_block_records_are_refused(blocks, words):
+    model = mlp()
+    with pytest.raises(SecateursError, match=words):
+        sc.blocks.replay_blocks(model, {"blocks": blocks})
+    assert len(model) == 6
+
+
+def test_a_good_plan_still_loads(saved):
+    folder, _ = saved
+    model = sc.load(mlp(), folder)
+    assert model[0].out_features == 4
+
+
+# ------------------------------------------------------------------ sparse safetensors metadata
+
+def _sparse_file(tmp_path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+SPARSE_PARTS = {"w/values": torch.ones(3), "w/bitmask": torch.tensor([0b10110000], dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("metadata, tensors, words", [
+    ({"secateurs.sparse": '{"w": [2, 4]}'}, {"w/bitmask": SPARSE_PARTS["w/bitmask"]}, "lacks its values"),
+    ({"secateurs.sparse": '{"w": [1000000000, 1000000000, 1000]}'}, SPARSE_PARTS, "does not fit shape"),
+    ({"secateurs.sparse": '{"w": [2, 4]}'}, {**SPARSE_PARTS, "w/values": torch.ones(5)}, "5 values for 3"),
+    ({"secateurs.sparse": '{"w": [2, -4]}'}, SPARSE_PARTS, "greater than or equal"),
+    ({"secateurs.sparse": '{"w": [2.0, 4]}'}, SPARSE_PARTS, "integer"),
+    ({"secateurs.sparse": "[1, 2]"}, SPARSE_PARTS, "object"),
+    ({"secateurs.sparse": "{oops"}, SPARSE_PARTS, "JSON"),
+    ({"secateurs.sparse": '{"w": [2, 4]}', "secateurs.aliases": '{"v": "nothing"}'}, SPARSE_PARTS, "alias"),
+    ({"secateurs.aliases": '{"v": 3}'}, {"w": torch.ones(2)}, "string")])
+def test_sparse_metadata_that_lies_is_one_line(tmp_path, metadata, tensors, words):
+    path = _sparse_file(tmp_path, metadata, tensors)
+    with pytest.raises(FileProblem, match=words) as info:
+        sc.load_state(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_honest_sparse_metadata_decodes(tmp_path):
+    path = _sparse_file(tmp_path, {"secateurs.sparse": '{"w": [2, 4]}', "secateurs.aliases": '{"v": "w"}'}, SPARSE_PARTS)
+    state = sc.load_state(path)
+    assert state["w"].tolist() == [[1, 0, 1, 1], [0, 0, 0, 0]] and state["v"] is state["w"]
