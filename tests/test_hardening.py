@@ -158,3 +158,28 @@ def test_honest_sparse_metadata_decodes(tmp_path):
     path = _sparse_file(tmp_path, {"secateurs.sparse": '{"w": [2, 4]}', "secateurs.aliases": '{"v": "w"}'}, SPARSE_PARTS)
     state = sc.load_state(path)
     assert state["w"].tolist() == [[1, 0, 1, 1], [0, 0, 0, 0]] and state["v"] is state["w"]
+
+
+# ------------------------------------------------------------------ a Hugging Face folder with corrupt weights
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_corrupt_hf_weights_are_one_line(tmp_path, capsys, stream):
+    transformers = pytest.importorskip("transformers")
+    from secateurs.cli import main
+    from secateurs.llm.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["in the beginning was the word and the word was good"] * 20, vocab=64)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                      max_position_embeddings=32)
+    folder = tmp_path / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp_path / "calib.txt").write_text("in the beginning was the word\n" * 20)
+    code = main(["prune", "--hf", str(folder), "--calib", str(tmp_path / "calib.txt"), "--calib-windows", "2",
+                 "--seqlen", "8", "--sparsity", "0.5", "--out", str(tmp_path / "out"), *(["--stream"] * stream)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "header" in err, err
+    assert not (tmp_path / "out").exists()
