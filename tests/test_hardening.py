@@ -178,6 +178,7 @@ def test_corrupt_hf_weights_are_one_line(tmp_path, capsys, stream):
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (tmp_path / "calib.txt").write_text("in the beginning was the word\n" * 20)
+    capsys.readouterr()   # save_pretrained's progress bar
     code = main(["prune", "--hf", str(folder), "--calib", str(tmp_path / "calib.txt"), "--calib-windows", "2",
                  "--seqlen", "8", "--sparsity", "0.5", "--out", str(tmp_path / "out"), *(["--stream"] * stream)])
     err = capsys.readouterr().err
