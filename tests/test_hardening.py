@@ -184,3 +184,55 @@ def test_corrupt_hf_weights_are_one_line(tmp_path, capsys, stream):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "header" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ recipes
+
+def _recipe_error(tmp_path, text: str) -> str:
+    from secateurs.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(SecateursError) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_billion_laughs_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    start = time.perf_counter()
+    message = _recipe_error(tmp_path, "\n".join(lines) + "\nmodel: {demo: digits}\nstages: [evaluate]\n")
+    assert "expands to more than" in message and time.perf_counter() - start < 5
+
+
+def test_a_few_aliases_are_still_fine(tmp_path):
+    from secateurs.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {demo: digits}\nstages:\n  - finetune: &ft {epochs: 1}\n  - finetune: *ft\n")
+    assert len(load_recipe(path).stages) == 2
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a: &a [*a]\nmodel: {demo: digits}\nstages: [evaluate]\n", "contains it"),
+    ("[" * 5000 + "]" * 5000 + "\n", "nested too deep"),
+    ("# " + "x" * (1 << 20) + "\nmodel: {demo: digits}\nstages: [evaluate]\n", "at most"),
+])
+def test_recursive_deep_and_huge_yaml_is_one_line(tmp_path, text, words):
+    assert words in _recipe_error(tmp_path, text)
+
+
+@pytest.mark.parametrize("stage", ["finetune: {lr: .inf}", "finetune: {lr: .nan}", "distill: {temperature: .inf}",
+                                   "finetune: {weight_decay: .inf}", "prune: {sparsity: .nan}"])
+def test_non_finite_hyper_parameters_are_refused(tmp_path, stage):
+    message = _recipe_error(tmp_path, f"model: {{demo: digits}}\nstages:\n  - {stage}\n")
+    assert "recipe.yaml:3:" in message and ("finite" in message or "must be in" in message)
+
+
+def test_a_seed_beyond_64_bits_is_refused(tmp_path):
+    message = _recipe_error(tmp_path, f"model: {{demo: digits}}\nseed: {2**64}\nstages: [evaluate]\n")
+    assert "recipe.yaml:2: seed:" in message
