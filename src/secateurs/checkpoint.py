@@ -19,9 +19,11 @@ from .io import (
     PLAN_FILE,
     SPARSE_WEIGHTS_FILE,
     WEIGHTS_FILE,
+    check_output_dir,
     load_into,
     load_state,
     save_weights,
+    staged_output,
 )
 from .sparsity import masked_params, set_mask
 from .structured.plan import applied_plans, replay
@@ -57,21 +59,23 @@ def _with_earlier_plans(model: nn.Module, plan: Any | None) -> Any | None:
     return history
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) -> Path:
+def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None, overwrite: bool = False) -> Path:
     """Write the pruned model to `out_dir`: dense and sparse safetensors plus plan.json.
 
     `plan` is a StructuredPlan, a BlockPlan, or a list of them in the order they were
     applied (load replays them in that order, so the names each one recorded fit).
+    A folder that already holds files is refused unless `overwrite` (as `prune` does);
+    the files are written beside it and moved in only once all are complete.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, [], overwrite=overwrite)
     plan = _with_earlier_plans(model, plan)
-    save_weights(model, out / WEIGHTS_FILE)
-    save_weights(model, out / SPARSE_WEIGHTS_FILE, sparse=True)
     record = _plan_record(plan)
     record = {**record, "masked": [mp.name for mp in masked_params(model)]}
-    (out / PLAN_FILE).write_text(json.dumps(record, indent=2))
-    return out
+    with staged_output(out) as stage:
+        save_weights(model, stage / WEIGHTS_FILE)
+        save_weights(model, stage / SPARSE_WEIGHTS_FILE, sparse=True)
+        (stage / PLAN_FILE).write_text(json.dumps(record, indent=2))
+    return Path(out_dir)
 
 
 def read_plan(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ stored as they are. Nothing here unpickles unless the caller passes trust_pickle
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import math
@@ -18,7 +19,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -265,12 +265,11 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[str | os.PathLike]
 # Beside every staging folder, a lock file (`<folder>.owner.json`) its process holds an
 # exclusive flock on while the folder is in use. The kernel drops the lock when the process
 # dies however it dies (SIGKILL, a lost session), so a later run that can take the lock
-# knows the folder is abandoned and removes it; across containers and PID namespaces too,
-# where a pid means nothing. Beside, not inside: the folder must stay empty for nested
-# outputs. Without flock (Windows) nothing is swept.
+# knows the folder is abandoned and removes it, however young; across containers and PID
+# namespaces too, where a pid means nothing. The record is locked before it gets its name,
+# so no sweeper can find it unlocked. Beside, not inside: the folder must stay empty for
+# nested outputs. Without flock (Windows) nothing is swept and nothing is locked.
 OWNER_SUFFIX = ".owner.json"
-# A record younger than this is never swept: its owner may not have locked it yet.
-SWEEP_MIN_AGE_S = 60.0
 
 
 def _lock(fd: int, wait: bool) -> bool:
@@ -282,19 +281,21 @@ def _lock(fd: int, wait: bool) -> bool:
     return True
 
 
+def _owner_record() -> bytes:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+
+
 def sweep_dead_stages(parent: str | os.PathLike) -> list[Path]:
     """Remove the staging folders in `parent` whose owner has gone (its lock is free); returns them.
 
-    Only folders with an unlocked owner record beside them, older than SWEEP_MIN_AGE_S,
-    are touched, so nothing a user made and nothing in use is.
+    Only folders with an unlocked owner record beside them are touched, so nothing a
+    user made and nothing in use is.
     """
     removed: list[Path] = []
     if fcntl is None:
         return removed
     for record in Path(parent).glob(".secateurs-*" + OWNER_SUFFIX):
         try:
-            if time.time() - record.stat().st_mtime < SWEEP_MIN_AGE_S:
-                continue
             fd = os.open(record, os.O_RDONLY)
         except OSError:
             continue   # gone meanwhile, or unreadable: leave it alone
@@ -310,35 +311,120 @@ def sweep_dead_stages(parent: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _locked_record(record: Path) -> int:
+    """A file descriptor holding the flock of `record`, created locked under a temporary name first."""
+    fd, temporary = tempfile.mkstemp(prefix=".lock-", dir=record.parent)
+    _lock(fd, wait=True)   # a fresh file nobody else has opened: immediate
+    os.write(fd, _owner_record())
+    os.replace(temporary, record)
+    return fd
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.secateurs-lock"
+
+
+def _take(path: Path) -> int | None:
+    """A file descriptor holding the flock of `path`, or None while another process holds it."""
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        if not _lock(fd, wait=False):
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)   # its holder removed it between our open and our lock: take the new one
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder `out_dir` for the block: a second secateurs
+    process writing there gets FileProblem at once instead of mixing its files with ours.
+
+    The lock is a file beside the folder (`.<name>.secateurs-lock`), removed on the way out.
+    """
+    out = Path(out_dir).absolute()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileProblem(f"cannot create the parent of output folder {out_dir}: {exc.strerror or exc}") from None
+    if fcntl is None:
+        yield out
+        return
+    path = _lock_path(out)
+    try:
+        fd = _take(path)
+    except OSError as exc:
+        raise FileProblem(f"cannot lock output folder {out_dir}: {exc.strerror or exc}") from None
+    if fd is None:
+        try:
+            holder = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        who = f" (pid {holder['pid']} on {holder.get('host')})" if isinstance(holder, dict) and "pid" in holder else ""
+        raise FileProblem(f"output folder {out_dir} is being written by another secateurs process{who}; "
+                          "wait for it to finish or choose another folder")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, _owner_record())
+        yield out
+    finally:
+        path.unlink(missing_ok=True)   # before unlocking, so a waiter never locks a file about to vanish
+        os.close(fd)
+
+
+# What a full disk, a read-only filesystem or a folder the user may not write report: not a bug
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
     """A temporary directory whose files move into `out_dir` only if the block succeeds.
 
-    Staging folders left beside `out_dir` by killed runs are removed first.
+    Staging folders left beside `out_dir` by killed runs are removed first. `out_dir` is
+    locked (`output_lock`) while its files move, so two writers never interleave.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead_stages(out.parent)
-    stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_dead_stages(out.parent)
+        stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
+    except OSError as exc:
+        raise FileProblem(f"cannot write beside output folder {out_dir}: {exc.strerror or exc}") from None
     record = stage.with_name(stage.name + OWNER_SUFFIX)
     fd = None
     try:
         if fcntl is not None:
-            fd = os.open(record, os.O_CREAT | os.O_WRONLY, 0o644)
-            _lock(fd, wait=True)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            fd = _locked_record(record)
         yield stage
-        out.mkdir(exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        for item in stage.iterdir():
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)  # folders need their x bit
-            os.replace(item, out / item.name)
+        with output_lock(out):
+            _move_into(stage, out)
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        raise FileProblem(f"cannot write output folder {out_dir}: {exc.strerror}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if fd is not None:
             record.unlink(missing_ok=True)
             os.close(fd)   # releases the lock
+
+
+def _move_into(stage: Path, out: Path) -> None:
+    """Every file of `stage` renamed into `out`, with the permissions the user's umask gives."""
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise FileProblem(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in stage.iterdir():
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)  # folders need their x bit
+        os.replace(item, out / item.name)
 
 
 __all__ = ["load_state", "load_into", "save_weights", "dense_bytes", "sparse_bytes"]

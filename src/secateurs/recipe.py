@@ -228,7 +228,7 @@ class SaveStage(_Spec):
     @field_validator("path")
     @classmethod
     def _inside_run(cls, path: str) -> str:
-        if Path(path).is_absolute() or ".." in Path(path).parts or not path.strip():
+        if Path(path).is_absolute() or ".." in Path(path).parts or not Path(path).parts or not path.strip():
             raise ValueError(f"must be a folder name inside the run directory, got {path!r}")
         return path
 
