@@ -236,3 +236,149 @@ def test_non_finite_hyper_parameters_are_refused(tmp_path, stage):
 def test_a_seed_beyond_64_bits_is_refused(tmp_path):
     message = _recipe_error(tmp_path, f"model: {{demo: digits}}\nseed: {2**64}\nstages: [evaluate]\n")
     assert "recipe.yaml:2: seed:" in message
+
+
+# ------------------------------------------------------------------ outputs that cannot mix
+
+def test_a_second_writer_of_a_locked_folder_stops_at_once(tmp_path):
+    from secateurs.io import output_lock
+
+    with output_lock(tmp_path / "out"):
+        with pytest.raises(FileProblem, match=r"being written by another secateurs process \(pid \d+"):
+            with output_lock(tmp_path / "out"):
+                pass
+    with output_lock(tmp_path / "out"):   # released: free again, and no lock file is left behind
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
+    from secateurs.io import output_lock
+
+    (tmp_path / ".out.secateurs-lock").write_text('{"pid": 1}')   # nobody holds its flock
+    with output_lock(tmp_path / "out") as out:
+        assert out == tmp_path / "out"
+
+
+def test_cli_run_into_a_folder_another_run_holds_is_one_line_exit_2(tmp_path, capsys):
+    from secateurs.cli import main
+    from secateurs.io import output_lock
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {demo: digits}\nstages: [evaluate]\n")
+    with output_lock(tmp_path / "run"):
+        code = main(["run", str(recipe), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("secateurs: error: output folder") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_save_refuses_a_folder_with_files_unless_overwrite(tmp_path):
+    model = mlp()
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileProblem, match="not empty"):
+        sc.save(model, folder)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    sc.save(model, folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "model.sparse.safetensors", "notes.txt",
+                                                        "plan.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_save_under_a_regular_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileProblem) as info:
+        sc.save(mlp(), tmp_path / "file" / "out")
+    assert "\n" not in str(info.value)
+
+
+def test_a_failed_save_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import secateurs.checkpoint as checkpoint
+
+    def full_disk(*args, **kwargs):
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_weights", full_disk)
+    with pytest.raises(FileProblem, match="No space left"):
+        sc.save(mlp(), tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+# ------------------------------------------------------------------ data and numerics in a recipe run
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+'''
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A folder with a model factory, its weights and a recipe that reads data.safetensors."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "secateurs_hardening_mlp.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from secateurs_hardening_mlp import build
+
+    save_file(build().state_dict(), str(tmp_path / "dense.safetensors"))
+    (tmp_path / "recipe.yaml").write_text(
+        'model: {factory: "secateurs_hardening_mlp:build", weights: dense.safetensors}\n'
+        "data: {calibration: data.safetensors, batch_size: 8}\nstages:\n  - finetune: {epochs: 1, lr: 1.0e-3}\n"
+        "  - evaluate\n")
+    return tmp_path
+
+
+def _run(project, capsys, inputs, targets, recipe: str | None = None) -> str:
+    from safetensors.torch import save_file
+
+    from secateurs.cli import main
+
+    save_file({"inputs": inputs, "targets": targets}, str(project / "data.safetensors"))
+    if recipe is not None:
+        (project / "recipe.yaml").write_text((project / "recipe.yaml").read_text().replace("lr: 1.0e-3", recipe))
+    code = main(["run", str(project / "recipe.yaml"), "--out", str(project / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+X = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+Y = torch.arange(32) % 3
+
+
+@pytest.mark.parametrize("inputs, targets, words", [
+    (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), "holds no examples"),
+    (torch.tensor(1.0), torch.tensor(1), "single number (0-d)"),
+    (X, torch.tensor(1), "single number (0-d)"),
+    (X, Y + 3, "class indices in [0, 3)"),
+    (X, -Y - 1, "class indices in [0, 3)"),
+    (X, Y.float(), "integer class labels"),
+    (X, Y.bool(), "neither class indices"),
+    (X, Y[:5], "32 inputs but 5 targets"),
+])
+def test_degenerate_data_stops_before_anything_is_written(project, capsys, inputs, targets, words):
+    assert words in _run(project, capsys, inputs, targets)
+    assert not (project / "run").exists()
+
+
+def test_a_diverging_loss_stops_the_run_naming_the_stage(project, capsys):
+    err = _run(project, capsys, X * 1e6, Y, recipe="lr: 1.0e+30")
+    assert "stage 0 (finetune)" in err and "NaN" in err
+    assert not (project / "run" / "checkpoints" / "00-finetune").exists()
+
+
+def test_good_data_still_runs(project, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"inputs": X, "targets": Y}, str(project / "data.safetensors"))
+    result = sc.run_recipe(project / "recipe.yaml", project / "run")
+    assert result.ran == [0, 1]
