@@ -382,3 +382,61 @@ def test_good_data_still_runs(project, capsys):
     save_file({"inputs": X, "targets": Y}, str(project / "data.safetensors"))
     result = sc.run_recipe(project / "recipe.yaml", project / "run")
     assert result.ran == [0, 1]
+
+
+# ------------------------------------------------------------------ user code and the command line
+
+RAISING = '''
+from torch import nn
+
+
+def broken():
+    raise RuntimeError("CUDA out of memory\\nmore lines")
+
+
+def fine():
+    return nn.Sequential(nn.Linear(4, 3))
+'''
+
+
+@pytest.fixture
+def user_project(tmp_path, monkeypatch):
+    (tmp_path / "secateurs_hardening_user.py").write_text(RAISING)
+    (tmp_path / "secateurs_hardening_import.py").write_text("raise ValueError('bad config at import')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    sc.io.save_weights(nn.Sequential(nn.Linear(4, 3)), tmp_path / "w.safetensors")
+    return tmp_path
+
+
+def _cli(argv: list[str], capsys) -> str:
+    from secateurs.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("factory, words", [
+    ("secateurs_hardening_user:broken", "your factory 'secateurs_hardening_user:broken' raised RuntimeError: CUDA out"),
+    ("secateurs_hardening_import:build", "raised ValueError: bad config at import"),
+    ("../relmodels:mlp", "is not a module name"),
+])
+def test_a_factory_that_fails_is_reported_as_the_users(user_project, capsys, factory, words):
+    from safetensors.torch import save_file
+
+    save_file({"inputs": X, "targets": Y}, str(user_project / "calib.safetensors"))
+    err = _cli(["prune", "--model", factory, "--weights", "w.safetensors", "--calib", "calib.safetensors", "--sparsity", "0.5", "--out", "out"], capsys)
+    assert words in err and not (user_project / "out").exists()
+
+
+def test_an_empty_calibration_file_is_refused_by_prune(user_project, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.zeros(0, 4), "targets": torch.zeros(0, dtype=torch.long)},
+              str(user_project / "calib.safetensors"))
+    err = _cli(["prune", "--model", "secateurs_hardening_user:fine", "--weights", "w.safetensors", "--calib", "calib.safetensors",
+                "--sparsity", "0.5", "--out", "out"], capsys)
+    assert "holds no examples" in err and not (user_project / "out").exists()

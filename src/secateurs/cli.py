@@ -17,7 +17,7 @@ from rich.table import Table
 from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
 from .criteria import CRITERIA, get_criterion
-from .batches import LOSSES
+from .batches import LOSSES, check_data_tensors
 from .errors import FileProblem, InvalidArgument, SecateursError
 from .checkpoint import load, save
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
@@ -252,8 +252,7 @@ def _calibration(path: str | None, batch_size: int, trust_pickle: bool) -> list[
         raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
     inputs = tensors["inputs"]
     targets = tensors.get("targets", tensors.get("labels"))
-    if targets is not None and len(targets) != len(inputs):
-        raise FileProblem(f"calibration file {path}: {len(inputs)} inputs but {len(targets)} targets")
+    check_data_tensors(f"calibration file {path}", inputs, targets)
     if targets is None:
         return list(inputs.split(batch_size))
     return list(zip(inputs.split(batch_size), targets.split(batch_size)))

@@ -227,10 +227,15 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
         raise InvalidArgument(f"model factory must look like 'package.module:function', got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise InvalidArgument(f"model factory {spec!r}: {module_name!r} is not a module name (a dotted Python name "
+                              "importable from the current folder, not a path)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InvalidArgument(f"cannot import module {module_name!r} of factory {spec!r}: {exc}") from None
+    except Exception as exc:   # the user's module ran and failed: their code, one line
+        raise InvalidArgument(f"importing {module_name!r} of factory {spec!r} raised {_one_line(exc)}") from None
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -241,8 +246,18 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
     return factory
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def build_model(spec: str) -> nn.Module:
-    model = import_factory(spec)()
+    """The model the factory named by `spec` builds; InvalidArgument when it raises or returns something else."""
+    factory = import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:   # the user's code: reported in one line as theirs, not as a secateurs crash
+        raise InvalidArgument(f"your factory {spec!r} raised {_one_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
