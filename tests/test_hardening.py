@@ -440,3 +440,29 @@ def test_an_empty_calibration_file_is_refused_by_prune(user_project, capsys):
     err = _cli(["prune", "--model", "secateurs_hardening_user:fine", "--weights", "w.safetensors", "--calib", "calib.safetensors",
                 "--sparsity", "0.5", "--out", "out"], capsys)
     assert "holds no examples" in err and not (user_project / "out").exists()
+
+
+# ------------------------------------------------------------------ the Python API's front doors
+
+@pytest.mark.parametrize("make, example, words", [
+    (lambda: nn.DataParallel(mlp()), torch.randn(2, 4), "wrapped in DataParallel: prune model.module"),
+    (lambda: mlp().to("meta"), torch.randn(2, 4), "meta device"),
+    (lambda: nn.Sequential(nn.ReLU()), torch.randn(2, 4), "no parameters: nothing to prune"),
+    (mlp, "a string", "example_inputs must be a tensor"),
+    (mlp, torch.tensor(1.0), "0-d tensor"),
+    (mlp, torch.randn(2, 5), "your model raised RuntimeError on example_inputs of shape (2, 5)"),
+])
+def test_structured_front_door_refuses_in_one_line(make, example, words):
+    model = make()
+    for target in ({"ratio": 0.5}, {"target": "macs=0.5"}):
+        with pytest.raises(InvalidArgument) as info:
+            sc.prune_structured(model, example, **target)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_masks_refuse_a_meta_model_but_take_data_parallel():
+    with pytest.raises(InvalidArgument, match="meta device"):
+        sc.prune(mlp().to("meta"), "l1", 0.5)
+    wrapped = nn.DataParallel(mlp())
+    sc.prune(wrapped, "l1", 0.5)
+    assert float((wrapped.module[0].weight == 0).float().mean()) == pytest.approx(0.5)
