@@ -466,3 +466,17 @@ def test_masks_refuse_a_meta_model_but_take_data_parallel():
     wrapped = nn.DataParallel(mlp())
     sc.prune(wrapped, "l1", 0.5)
     assert float((wrapped.module[0].weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_run_into_a_used_folder_names_resume_not_a_missing_overwrite(project, capsys):
+    from safetensors.torch import save_file
+
+    from secateurs.cli import main
+
+    save_file({"inputs": X, "targets": Y}, str(project / "data.safetensors"))
+    (project / "run").mkdir()
+    (project / "run" / "notes.txt").write_text("mine")
+    code = main(["run", str(project / "recipe.yaml"), "--out", str(project / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume" in err and "--overwrite" not in err
+    assert [p.name for p in (project / "run").iterdir()] == ["notes.txt"]

@@ -441,7 +441,10 @@ def _run_locked(recipe: Recipe, recipe_path: Path, out: Path, spec: dict[str, An
                 on_stage: Callable[[int, str, dict[str, Any]], Any] | None) -> RunResult:
     """run_recipe's work, with `out` locked against a second writer."""
     inputs = [recipe_path] + [f for f in (recipe.model.weights, recipe.data.calibration, recipe.data.evaluation) if f]
-    check_output_dir(out, inputs, overwrite=resume)
+    check_output_dir(out, inputs, overwrite=True)
+    if not resume and out.is_dir() and any(out.iterdir()):   # run has no --overwrite: a run folder is resumed or new
+        raise FileProblem(f"run directory {out} is not empty: choose a new folder, or pass --resume to continue "
+                          "the run in it")
     if is_distributed():   # torchrun: every rank runs the stages, rank 0 alone writes `out` and logs
         out, spec = rank_output_dir(out, resume), spec if world()[0] == 0 else None
     with _seeded(_stage_seed(recipe.seed, 0), recipe.threads):
