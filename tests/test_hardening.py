@@ -295,7 +295,7 @@ def test_save_under_a_regular_file_is_one_line(tmp_path):
 
 
 def test_a_failed_save_leaves_no_partial_folder(tmp_path, monkeypatch):
-    import secateurs.checkpoint as checkpoint
+    from secateurs import checkpoint
 
     def full_disk(*args, **kwargs):
         import errno

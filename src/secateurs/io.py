@@ -234,7 +234,7 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InvalidArgument(f"cannot import module {module_name!r} of factory {spec!r}: {exc}") from None
-    except Exception as exc:   # the user's module ran and failed: their code, one line
+    except Exception as exc:   # noqa: BLE001 - the user's module ran and failed: their code, one line
         raise InvalidArgument(f"importing {module_name!r} of factory {spec!r} raised {_one_line(exc)}") from None
     factory = module
     for part in attr.split("."):
@@ -256,7 +256,7 @@ def build_model(spec: str) -> nn.Module:
     factory = import_factory(spec)
     try:
         model = factory()
-    except Exception as exc:   # the user's code: reported in one line as theirs, not as a secateurs crash
+    except Exception as exc:   # noqa: BLE001 - the user's code: one line, as theirs, not a secateurs crash
         raise InvalidArgument(f"your factory {spec!r} raised {_one_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")

@@ -8,6 +8,7 @@ set the integer head-count fields a cut changes (`cut.HEAD_COUNT_ATTRIBUTES`), n
 """
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -22,7 +23,7 @@ def _sorted_unique(kept: list[int]) -> list[int]:
         raise ValueError("keeps no position (a cut keeps at least one)")
     if kept[0] < 0:
         raise ValueError(f"position {kept[0]} is negative")
-    if any(b <= a for a, b in zip(kept, kept[1:])):
+    if any(b <= a for a, b in pairwise(kept)):
         raise ValueError("positions must be sorted and unique")
     return kept
 
@@ -145,4 +146,4 @@ def check_modules(model: nn.Module, names: list[str], what: str) -> None:
             raise InvalidArgument(f"plan {what} names module {name!r}, which this model does not have") from None
 
 
-__all__ = ["PlanDocument", "Step", "BlocksRecord", "parse_plan", "check_keeps", "check_attributes", "check_modules"]
+__all__ = ["BlocksRecord", "PlanDocument", "Step", "check_attributes", "check_keeps", "check_modules", "parse_plan"]
