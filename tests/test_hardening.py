@@ -480,3 +480,20 @@ def test_run_into_a_used_folder_names_resume_not_a_missing_overwrite(project, ca
     err = capsys.readouterr().err
     assert code == 2 and "--resume" in err and "--overwrite" not in err
     assert [p.name for p in (project / "run").iterdir()] == ["notes.txt"]
+
+
+def test_a_tampered_hf_plan_is_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from secateurs.hf import load_pretrained, save_pretrained
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    model = transformers.BertModel(config)
+    plan = sc.prune_structured(model, torch.randint(0, 50, (1, 8)), 0.5)
+    save_pretrained(model, tmp_path / "bert", plan)
+    path = tmp_path / "bert" / "secateurs_plan.json"
+    for text in ("{nope", "[]", json.dumps({"keeps": {"embeddings.word_embeddings.weight:1": [3, 1]}})):
+        path.write_text(text)
+        with pytest.raises(SecateursError) as info:
+            load_pretrained(tmp_path / "bert")
+        assert "\n" not in str(info.value)

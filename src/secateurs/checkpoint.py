@@ -78,20 +78,6 @@ def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None, 
     return Path(out_dir)
 
 
-def read_plan(path: Path) -> dict[str, Any]:
-    """plan.json's content, checked against `plan_schema` ({} when there is none); FileProblem otherwise."""
-    from .plan_schema import parse_plan
-
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-        parse_plan(record)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:   # InvalidArgument and JSONDecodeError included
-        raise FileProblem(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return record
-
-
 def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -> nn.Module:
     """Load what `save` wrote into a fresh `model` built by the original factory.
 
@@ -99,6 +85,8 @@ def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -
     heads cut, in the order they were applied), so the weights fit. With `keep_masks`, the layers that were masked get masks again from
     their zeros, so fine-tuning the loaded model keeps them pruned.
     """
+    from .plan_schema import read_plan   # pydantic loads on first use, not with the package
+
     src = Path(in_dir)
     record = read_plan(src / PLAN_FILE)
     weights = src / WEIGHTS_FILE

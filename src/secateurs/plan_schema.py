@@ -8,13 +8,15 @@ set the integer head-count fields a cut changes (`cut.HEAD_COUNT_ATTRIBUTES`), n
 """
 from __future__ import annotations
 
+import json
 from itertools import pairwise
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from torch import nn
 
-from .errors import InvalidArgument
+from .errors import FileProblem, InvalidArgument
 from .structured.cut import HEAD_COUNT_ATTRIBUTES, _owner, _role
 
 
@@ -94,6 +96,18 @@ def parse_plan(record: Any, model_cls: type[BaseModel] = PlanDocument) -> BaseMo
         raise InvalidArgument(f"plan field {_where(first)}: {first['msg']}") from None
 
 
+def read_plan(path: Path) -> dict[str, Any]:
+    """plan.json's content, checked against the schema ({} when there is none); FileProblem otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        parse_plan(record)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:   # InvalidArgument and JSONDecodeError included
+        raise FileProblem(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return record
+
+
 def _parameter(model: nn.Module, name: str) -> Any:
     found = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     if name not in found:
@@ -146,4 +160,5 @@ def check_modules(model: nn.Module, names: list[str], what: str) -> None:
             raise InvalidArgument(f"plan {what} names module {name!r}, which this model does not have") from None
 
 
-__all__ = ["BlocksRecord", "PlanDocument", "Step", "check_attributes", "check_keeps", "check_modules", "parse_plan"]
+__all__ = ["BlocksRecord", "PlanDocument", "Step", "check_attributes", "check_keeps", "check_modules", "parse_plan",
+           "read_plan"]
