@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ..api import resolve_sparsity
@@ -250,7 +251,7 @@ def load_model(source: Path) -> tuple[nn.Module, bool]:
         cls = _model_class(config)
         cls = cls if isinstance(cls, type) else transformers.AutoModel
         model = cls.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:   # a corrupt weights file too
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileProblem(f"cannot load a Hugging Face model from {str(source)!r}: {first}") from None
     return model.eval(), type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -11,6 +11,7 @@ from ..criteria import Calibration, Criterion, get_criterion
 from ..errors import MissingData
 from ..hf_config import is_hf_model, update_config
 from ..measure import total_parameters
+from ..model_checks import check_example, check_model
 from .apply import cut_model
 from .budget import BUDGETS, budget_record, check_latency, search_ratio
 from .plan import StructuredPlan, remember
@@ -58,6 +59,8 @@ def prune_structured(
     where there was none): a cheap, training-free repair that matters most for
     transformers pruned without recovery. Conv layers are not compensated.
     """
+    check_model(model)
+    check_example(model, example_inputs)
     scope = scope or _default_scope(target)
     budget = check_options(ratio=ratio, target=target, scope=scope, units=units, round_to=round_to,
                            max_ratio=max_ratio, method=method)
