@@ -15,10 +15,12 @@ from secateurs.llm.dsnot import refine_mask, row_errors
 from secateurs.llm.permute import block_pairs, permute_pair, round_robin
 from secateurs.llm.ria import relative_importance, ria_scores
 from secateurs.llm.stats import LayerStats
+from tests import test_cli_hf as cli_hf
 from tests.test_llm_engine import VOCAB, bert, llama
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
+zoo = cli_hf.zoo  # the module-scoped fixture of tests/test_cli_hf.py: random-init HF folders and texts
 
 
 def batches(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
@@ -192,3 +194,31 @@ def test_bad_options_name_the_problem(options, message):
 def test_calibrated_methods_need_batches(options):
     with pytest.raises(MissingData, match="calibration"):
         prune_llm(llama(), None, **options)
+
+
+# ------------------------------------------------------------------ the command line
+
+def test_cli_composes_ria_permutation_and_dsnot_and_reloads(zoo, tmp_path, capsys):
+    flags = ["--method", "ria", "--pattern", "2:4", "--permute", "--refine", "dsnot"]
+    metrics = cli_hf.prune_cli(zoo, "llama", tmp_path / "out", capsys, *flags, eval_file=False)
+    assert metrics["config"]["refine"] == "dsnot" and metrics["config"]["permute"] is True
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    expected = cli_hf.pruned_in_memory(zoo, "llama", method="ria", pattern="2:4", permute=True, refine="dsnot")
+    ids = cli_hf.sample_ids()
+    torch.testing.assert_close(cli_hf.outputs(reloaded, ids), cli_hf.outputs(expected, ids))
+    for layer, weight in cli_hf.block_weights(reloaded).items():
+        assert ((weight != 0).reshape(-1, 4).sum(1) <= 2).all(), layer
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsity", "0.5", "--refine", "nope"], "refine must be None or one of ['dsnot'], got 'nope'"),
+    (["--sparsity", "0.5", "--permute"], "permute must be a bool and needs an N:M pattern"),
+    (["--structured", "--ratio", "0.3", "--refine", "dsnot"], "refine='dsnot' does not apply to structured"),
+])
+def test_cli_bad_quality_options_are_one_line_exit_2(zoo, tmp_path, capsys, flags, message):
+    before = cli_hf.digest(zoo)
+    code, _, err = cli_hf.run(["prune", "--hf", zoo / "llama", "--calib", zoo / "calib.txt", *cli_hf.CALIB, *flags,
+                               "--out", tmp_path / "out"], capsys)
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert cli_hf.digest(zoo) == before and not (tmp_path / "out").exists()

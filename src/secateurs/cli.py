@@ -158,6 +158,10 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
                     "linears of a block (q/k/v, o, up/gate, down): slower, as the papers' option")
     hf.add_argument("--measure-error", action="store_true", help="report each linear's reconstruction error "
                     "||WX - W'X||^2 (one more pass per block)")
+    hf.add_argument("--refine", default=None, metavar="NAME", help="dsnot: after --method (wanda, sparsegpt, ria, alps, "
+                    "magnitude): swap pruned and kept weights to lower each row's error (DSnoT)")
+    hf.add_argument("--permute", action="store_true", help="with --pattern: permute input channels (and their "
+                    "producers, so the model is unchanged) before N:M pruning")
     hf.add_argument("--units", nargs="+", choices=UNIT_KINDS, default=None, help="structured: what to remove")
     hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
     hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
@@ -165,7 +169,7 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
 
 # argparse dests of the options that belong to one source only
 _HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers", "device",
-            "offload_inputs", "true_sequential", "measure_error")
+            "offload_inputs", "true_sequential", "measure_error", "refine", "permute")
 _MODEL_ONLY = ("weights", "trust_pickle", "input_shape", "types", "include", "prune_last", "skip_incompatible",
                "max_batches")
 
@@ -367,7 +371,8 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
              "stream": args.stream, "structured": args.structured, "ratio": args.ratio, "target": args.target,
              "units": args.units, "compensate": args.compensate, "drop_layers": args.drop_layers,
              "device": args.device, "offload_inputs": args.offload_inputs, "true_sequential": args.true_sequential,
-             "measure_error": args.measure_error, "ignore": args.ignore, "overwrite": args.overwrite}
+             "measure_error": args.measure_error, "refine": args.refine, "permute": args.permute,
+             "ignore": args.ignore, "overwrite": args.overwrite}
     with console.status("pruning") as status:
         metrics = prune_checkpoint(args.hf, args.out, args.calib, on_stage=status.update,
                                    **{k: v for k, v in given.items() if v is not None})
