@@ -21,8 +21,8 @@ from ..errors import MissingData
 from .engine import LLMConfig, register_method
 from .stats import LayerStats
 
-ADMM_STEPS = 80
-RHO_START, RHO_GROWTH = 0.1, 1.1
+ADMM_STEPS = 40
+RHO_START, RHO_GROWTH = 0.1, 1.2  # rho ends near 150: the support has settled
 PCG_STEPS = 40
 
 
