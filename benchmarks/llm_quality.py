@@ -75,9 +75,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         table = {variant: {metric: spread([r[metric] for r in seeds]) for metric in seeds[0]} | {"seeds": len(seeds)}
                  for variant, seeds in variants.items()}
         metrics = [m for m in next(iter(variants.values()))[0] if m != "seconds"]
-        best = max((v for v in table if v not in BASELINES), key=lambda v: table[v]["kjv_heldout"]["mean"])
-        results[label] = {"variants": table, "best": best,
-                          "best_gap_closed": {m: gap_closed(table, best, m) for m in metrics}}
+        candidates = [v for v in table if v not in BASELINES]
+        results[label] = {"variants": table}
+        if candidates and all(b in table for b in BASELINES):  # a partial run may lack them
+            best = max(candidates, key=lambda v: table[v]["kjv_heldout"]["mean"])
+            results[label] |= {"best": best, "best_gap_closed": {m: gap_closed(table, best, m) for m in metrics}}
     return results
 
 

@@ -222,3 +222,13 @@ def test_cli_bad_quality_options_are_one_line_exit_2(zoo, tmp_path, capsys, flag
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert cli_hf.digest(zoo) == before and not (tmp_path / "out").exists()
+
+
+def test_stream_permutes_and_refines_as_in_memory(zoo, tmp_path, capsys):
+    flags = ["--method", "wanda", "--pattern", "2:4", "--permute", "--refine", "dsnot", "--stream"]
+    metrics = cli_hf.prune_cli(zoo, "llama", tmp_path / "out", capsys, *flags, eval_file=False)
+    assert metrics["mode"] == "stream"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    expected = cli_hf.pruned_in_memory(zoo, "llama", method="wanda", pattern="2:4", permute=True, refine="dsnot")
+    ids = cli_hf.sample_ids()
+    torch.testing.assert_close(cli_hf.outputs(reloaded, ids), cli_hf.outputs(expected, ids))
