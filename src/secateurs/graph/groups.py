@@ -234,3 +234,35 @@ def _collect_groups(unit_of: dict[tuple[str, int], np.ndarray], blocked: dict[in
 def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
     """Trace `model` on `example_inputs` and find its coupled channel groups."""
     return analyze_graph(trace(model, example_inputs))
+
+
+# Reasons that mark an axis that is not a channel axis at all: a conv kernel's height and
+# width, the rows of a table looked up by index (relative-position bias, vocabulary).
+NON_CHANNEL_REASONS = ("kernel dim", "depthwise kernel dim", "embedding vocabulary", "indexed by a tensor",
+                       "indexed by gather")
+
+
+def is_channel_axis(group: Group) -> bool:
+    """False for a group of kernel or table-row positions: no unit of it could ever be cut."""
+    return bool(group.prunable_units) or group.reason not in NON_CHANNEL_REASONS
+
+
+def table(analysis: Analysis, every_axis: bool = False) -> str:
+    """The groups as a plain-text table (kernel and table-row axes left out unless `every_axis`)."""
+    shown = [g for g in analysis.groups if every_axis or is_channel_axis(g)]
+    rows = [("group", "kind", "units", "prunable", "members", "blocked by")]
+    for g in shown:
+        rows.append((str(g.index), g.kind, str(g.size), str(len(g.prunable_units)), member_summary(g), g.reason or ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    hidden = len(analysis.groups) - len(shown)
+    if hidden:
+        lines.append(f"({hidden} kernel / table-row axes hidden: they are not channels)")
+    if analysis.unknown_ops:
+        lines.append(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(analysis.unknown_ops)))}")
+    return "\n".join(lines)
+
+
+def member_summary(group: Group, shown: int = 4) -> str:
+    members = ", ".join(f"{n}[{d}]" for n, d in group.members[:shown])
+    return members + (f" +{len(group.members) - shown}" if len(group.members) > shown else "")
