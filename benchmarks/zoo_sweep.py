@@ -96,21 +96,6 @@ def build(name: str, size: int):
     return model.eval(), torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def zeroed_copy(dense, keeps: dict[str, list[int]]):
-    """The dense model with every slice the plan removes set to 0."""
-    import torch
-    zeroed = copy.deepcopy(dense)
-    parameters = dict(zeroed.named_parameters())
-    with torch.no_grad():
-        for key, kept in keeps.items():
-            name, _, dim = key.rpartition(":")
-            tensor = parameters[name]
-            mask = torch.ones(tensor.shape[int(dim)], dtype=torch.bool)
-            mask[kept] = False
-            tensor.index_fill_(int(dim), torch.nonzero(mask).flatten(), 0.0)
-    return zeroed
-
-
 def norm_over_cut(dense, keeps: dict[str, list[int]]) -> bool:
     """Whether a LayerNorm / GroupNorm (statistics over channels) loses channels."""
     from torch import nn
@@ -124,6 +109,7 @@ def one(name: str, sizes: list[int], target: str) -> dict:
     import torch
     from secateurs.errors import SecateursError
     from secateurs.structured import prune_structured
+    from secateurs.structured.apply import zero_removed
     torch.set_num_threads(1)
     row: dict = {"model": name}
     for size in sizes:
@@ -155,7 +141,7 @@ def one(name: str, sizes: list[int], target: str) -> dict:
     row["warnings"] = [str(w.message)[:300] for w in caught if "secateurs" in str(w.message)]
     with torch.no_grad():
         out = model(x)
-        reference = zeroed_copy(dense, plan.keeps)(x)
+        reference = zero_removed(copy.deepcopy(dense), plan.keeps)(x)
     row["shape_ok"] = tuple(out.shape) == tuple(expected_shape)
     diff = (out - reference).abs().max().item()
     scale = reference.abs().max().item() or 1.0

@@ -113,11 +113,15 @@ def _choose_carriers(links: list[Links], table: _DimTable, graph: Graph, io_dims
         def roots(dims):
             return {uf.find(table.ids[d]) for d in dims if d in table.ids}
         param_roots, blocked_roots = roots(param_dims), roots(blocked)
-        head_roots = roots([d for d, tag in tagged.items() if tag == "head"])
+        head_roots = roots([d for d, tag in tagged.items() if tag in ("head", "batched heads")])
+        batched_roots = roots([d for d, tag in tagged.items() if tag == "batched heads"])
         changed = False
         for i, (split_dims, flat) in enumerate(reshapes):
             candidates = [d for d in split_dims if table.size(d) > 1]
             free = [d for d in candidates if uf.find(table.ids[d]) not in blocked_roots]
+            if uf.find(table.ids[flat]) in batched_roots:
+                # batch * heads folded for a bmm: the leading (batch, window) dim is not the heads
+                free = [d for d in free if d[1] != 0] + [d for d in free if d[1] == 0]
             ranked = ([d for d in free if uf.find(table.ids[d]) in head_roots]
                       + [d for d in free if uf.find(table.ids[d]) in param_roots] + free)
             choice = ranked[0] if ranked else None
@@ -200,7 +204,8 @@ def analyze_graph(graph: Graph) -> Analysis:
         for d, n in enumerate(graph.tensors[node].shape):
             if n > 1:
                 unit_of[(name, d)] = component[table.atoms((node, d))]
-    head_components = {int(component[a]) for l in links for dim, tag in l.tags if tag == "head" for a in table.atoms(dim)}
+    head_components = {int(component[a]) for l in links for dim, tag in l.tags if tag in ("head", "batched heads")
+                       for a in table.atoms(dim)}
     groups = _collect_groups(unit_of, blocked_reason, head_components)
     return Analysis(graph, groups, unit_of, unknown, table, component)
 

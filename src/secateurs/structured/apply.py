@@ -79,6 +79,23 @@ def cut_model(model: nn.Module, example_inputs: Any, scored: Scored, chosen: dic
     return plan
 
 
+def zero_removed(model: nn.Module, keeps: dict[str, list[int]]) -> nn.Module:
+    """Set to 0, in place, every slice of `model` that a plan's `keeps` ("param:dim" -> kept) remove.
+
+    The dense model so zeroed computes what the cut model computes, wherever no
+    normalisation runs over the cut channels: the check that a cut is the cut it claims.
+    """
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, kept in keeps.items():
+            name, _, dim = key.rpartition(":")
+            tensor = parameters[name]
+            removed = torch.ones(tensor.shape[int(dim)], dtype=torch.bool)
+            removed[torch.as_tensor(kept, dtype=torch.long)] = False
+            tensor.index_fill_(int(dim), torch.nonzero(removed).flatten().to(tensor.device), 0.0)
+    return model
+
+
 def cut_shapes(analysis: Analysis, removed: np.ndarray | Sequence[int]) -> dict[int, tuple[int, ...]]:
     """Tensor node -> its shape once the units (component ids) `removed` are cut, for every node."""
     table = analysis.dims
@@ -103,4 +120,5 @@ GRAPH_COSTS: dict[str, Callable[[Graph, dict[int, tuple[int, ...]]], int | None]
 }
 
 
-__all__ = ["GRAPH_COSTS", "chosen_shapes", "cut_model", "cut_shapes", "estimated_cost", "output_shapes"]
+__all__ = ["GRAPH_COSTS", "chosen_shapes", "cut_model", "cut_shapes", "estimated_cost", "output_shapes",
+           "zero_removed"]
