@@ -262,3 +262,15 @@ def test_analysis_table_hides_kernel_axes():
     assert "kernel dim" not in text and "4 kernel / table-row axes hidden" in text
     assert re.search(r"0\s+channel\s+8\s+8\s+0.weight\[0\], 0.bias\[0\], 2.weight\[1\]", text)
     assert "kernel dim" in table(analysis, every_axis=True)
+
+
+def test_found_attributes_are_replayed_on_a_fresh_model():
+    from secateurs.structured.plan import replay
+    torch.manual_seed(0)
+    model, x = TinyViT().eval(), torch.randn(2, 3, 16, 16)
+    plan = prune_structured(model, x, ratio=0.5)
+    fresh = replay(TinyViT().eval(), plan.to_dict())
+    assert fresh.hidden_dim == 16 and fresh.blocks[1].attn_dim == 16
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))

@@ -99,14 +99,16 @@ class Rehearsal:
         self.tried: dict[str, list[str]] = {}           # module -> attributes tried that did not help
         self.trials = 0
         self.modules = dict(model.named_modules())
-        self._tensors_by_module = _tensors_by_module(scored)
+        self._tensors_by_module: dict[str, set[int]] | None = None   # built at the first failure
 
     # -- one cut ----------------------------------------------------------------------------
     def run(self, chosen: dict[int, list[int]]) -> tuple[dict[str, dict[str, Any]], Failure | None]:
         """Rehearse `chosen`, fixing width attributes while that lets the copy run further."""
-        widths = self._width_maps(chosen)
-        attributes = self._learned_attributes(widths)
+        widths = self._width_maps(chosen) if self.learned else None
+        attributes = self._learned_attributes(widths) if widths is not None else {}
         failure = self._trial(chosen, attributes)
+        if failure is not None and widths is None:
+            widths = self._width_maps(chosen)
         while failure is not None and self.trials < MAX_TRIALS:
             better = None
             for module, name, value in self._candidates(failure, widths, attributes):
@@ -118,10 +120,10 @@ class Rehearsal:
                 self.tried.setdefault(module, []).append(name)
             if better is None:
                 break
-            module, name, attributes, failure = better
+            module, name, tested, failure = better
             self.learned.add((type(self.modules[module]), name))
-            attributes = _merged(self._learned_attributes(widths), attributes)
-            if failure is not None:
+            attributes = _merged(self._learned_attributes(widths), tested)
+            if attributes != tested:     # the class's other modules too: rehearse what is returned
                 failure = self._trial(chosen, attributes)
         return attributes, failure
 
@@ -160,6 +162,8 @@ class Rehearsal:
     def _width_maps(self, chosen: dict[int, list[int]]) -> "_Widths":
         analysis = self.scored.analysis
         gone = cut_mask(analysis, removed_ids(self.by_index, chosen, self.scored.unit_ids))
+        if self._tensors_by_module is None:
+            self._tensors_by_module = _tensors_by_module(self.scored)
         return _Widths(self.scored, self._tensors_by_module, gone)
 
     def _candidate_value(self, value: Any, widths: dict[int, int]) -> Any:
