@@ -187,6 +187,23 @@ def test_token_mixing_mlp_keeps_the_token_axis():
     _same_output(model, zeroed, x)
 
 
+class TokensOnly(Mixer):
+    """The token MLP straight on the patch grid: its input width is the conv's height x width."""
+
+    def forward(self, x):
+        x = self.token_mlp(self.patch(x).flatten(2))
+        return self.head(x.sum(2))     # a mean over the cut outputs would differ from zeroing them
+
+
+def test_conv_positions_flattened_into_tokens_are_never_cut():
+    model, x = TokensOnly().eval(), torch.randn(2, 3, 8, 8)
+    token_inputs = [g for g in analyze(model, x).groups if ("token_mlp.0.weight", 1) in g.members]
+    assert token_inputs and not token_inputs[0].prunable_units
+    plan, zeroed = _prune(model, x, ratio=0.5)
+    assert plan.frozen == [] and model.token_mlp[0].in_features == 16 and model.token_mlp[0].out_features == 12
+    _same_output(model, zeroed, x)
+
+
 # ---------------------------------------------------------------- partial cuts
 class HardCodedChunks(nn.Module):
     """Res2Net-like chunks of a width written in the code: the stem's group cannot be cut, the rest can."""

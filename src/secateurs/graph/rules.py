@@ -648,6 +648,21 @@ def bmm_heads(op: OpNode, ctx: Context) -> Links:
 RULES["bmm"] = bmm_heads
 
 
+# ------------------------------------------------------------------ positions are not channels
+# A convolution's output height and width follow the input's: flattened into tokens and
+# mixed by a Linear (MLP-Mixer, ResMLP), they must never be cut.
+
+def convolution_positions(op: OpNode, ctx: Context) -> Links:
+    links = convolution(op, ctx)
+    out = op.outputs[0]
+    links.blocked += [((out, k), "spatial positions (tokens) of a convolution output")
+                      for k in range(2, len(ctx.shape(out)))]
+    return links
+
+
+RULES["convolution"] = convolution_positions
+
+
 def op_key(op: OpNode) -> str:
     return op.name.split(".")[1] if "." in op.name else op.name
 
