@@ -102,11 +102,14 @@ class Rehearsal:
         self._tensors_by_module: dict[str, set[int]] | None = None   # built at the first failure
 
     # -- one cut ----------------------------------------------------------------------------
-    def run(self, chosen: dict[int, list[int]]) -> tuple[dict[str, dict[str, Any]], Failure | None]:
-        """Rehearse `chosen`, fixing width attributes while that lets the copy run further."""
+    def run(self, chosen: dict[int, list[int]], search: bool = True) -> tuple[dict[str, dict[str, Any]], Failure | None]:
+        """Rehearse `chosen`, fixing width attributes while that lets the copy run further
+        (with `search` False, only the attributes already learned are set)."""
         widths = self._width_maps(chosen) if self.learned else None
         attributes = self._learned_attributes(widths) if widths is not None else {}
         failure = self._trial(chosen, attributes)
+        if not search:
+            return attributes, failure
         if failure is not None and widths is None:
             widths = self._width_maps(chosen)
         while failure is not None and self.trials < MAX_TRIALS:
@@ -218,11 +221,37 @@ class Rehearsal:
             culprit, cause = self._culprit(active, failure)
             frozen.append(self._record(culprit, cause))
             del active[culprit]
+            frozen += self._freeze_alike(active, culprit)
             attributes, failure = self.run(active) if active else ({}, None)
         if failure is not None:
             frozen.extend(self._record(gi, failure) for gi in active)
             active, attributes = {}, {}
         return Verdict(active, attributes, frozen, self.trials)
+
+    def _freeze_alike(self, active: dict[int, list[int]], culprit: int) -> list[dict[str, Any]]:
+        """Test the groups like `culprit` (same kind, same module class: the other blocks of a
+        stack) one by one on top of the rest, freezing those that break it; removes them from
+        `active`. One rehearsal per such group instead of a bisection each."""
+        alike = [gi for gi in active if self._alike(gi, culprit)]
+        if not alike:
+            return []
+        base = {gi: p for gi, p in active.items() if gi not in alike}
+        if base and self.run(base)[1] is not None:
+            return []     # the rest breaks too: leave it to the bisection
+        frozen = []
+        for gi in alike:
+            _, failed = self.run({**base, gi: active[gi]}, search=False)
+            if failed is None:
+                base[gi] = active[gi]
+            else:
+                frozen.append(self._record(gi, failed))
+                del active[gi]
+        return frozen
+
+    def _alike(self, index: int, other: int) -> bool:
+        a, b = self.by_index[index], self.by_index[other]
+        modules = [self.modules.get(_common_module([n for n, _ in g.members])) for g in (a, b)]
+        return a.kind == b.kind and len(a.members) == len(b.members) and type(modules[0]) is type(modules[1])
 
     def _culprit(self, active: dict[int, list[int]], failure: Failure) -> tuple[int, Failure]:
         """A group whose cut breaks the copy: the last of the shortest failing prefix of `active`.
