@@ -153,7 +153,8 @@ def analyze_graph(graph: Graph) -> Analysis:
     table = _DimTable(graph, ctx.virtual_sizes)
     io_dims = {(t.index, d) for t in graph.tensors if t.kind == "input" for d in range(len(t.shape))}
     io_dims |= {(o, d) for o in graph.outputs for d in range(len(graph.tensors[o].shape))}
-    carriers = _choose_carriers(links, table, graph, io_dims)
+    buffers = _fixed_buffer_dims(graph)
+    carriers = _choose_carriers(links, table, graph, io_dims | buffers)
 
     sources, targets = [], []
     blocked_atoms: dict[int, str] = {}
@@ -184,6 +185,8 @@ def analyze_graph(graph: Graph) -> Analysis:
             block(dim, reason)
     for dim in io_dims:
         block(dim, "model input or output")
+    for dim in buffers:
+        block(dim, "buffer the cut cannot follow")
 
     n_atoms = int(table.offsets[-1])
     src = np.concatenate(sources) if sources else np.zeros(0, dtype=np.int64)
@@ -208,6 +211,16 @@ def analyze_graph(graph: Graph) -> Analysis:
                        for a in table.atoms(dim)}
     groups = _collect_groups(unit_of, blocked_reason, head_components)
     return Analysis(graph, groups, unit_of, unknown, table, component)
+
+
+# Buffers that surgery cuts with their module (a batch norm's statistics); any other buffer
+# (a coordinate table, a fixed positional code) keeps its shape, so nothing may cut across it.
+_CUT_BUFFERS = ("running_mean", "running_var")
+
+
+def _fixed_buffer_dims(graph: Graph) -> set[Dim]:
+    return {(t.index, d) for t in graph.tensors if t.kind == "buffer" and t.name
+            and not t.name.endswith(_CUT_BUFFERS) for d, n in enumerate(t.shape) if n > 1}
 
 
 def _collect_groups(unit_of: dict[tuple[str, int], np.ndarray], blocked: dict[int, str],
