@@ -15,6 +15,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -32,8 +33,10 @@ from ..graph.trace import _leaves, _split_inputs
 from .cut import apply_cut
 from .units import Scored, cut_mask, keeps_of, removed_ids
 
-# At most this many rehearsals to settle one cut (attribute trials and bisection together).
+# At most this many rehearsals to settle one cut (attribute trials and bisection together),
+# and at most this many attributes tried against one failure.
 MAX_TRIALS = 400
+MAX_CANDIDATES = 8
 
 _ERRORS = (RuntimeError, ValueError, IndexError, TypeError, AssertionError)
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -96,6 +99,8 @@ class Rehearsal:
         self.devices = {n: t.device for n, t in list(model.named_parameters(remove_duplicate=False))
                         + list(model.named_buffers(remove_duplicate=False))}
         self.learned: set[tuple[type, str]] = set()     # (module class, attribute) that carry widths
+        # (module class, attribute, failing line): tried on a module of the class failing there, did not help
+        self.unhelpful: set[tuple[type, str, str]] = set()
         self.tried: dict[str, list[str]] = {}           # module -> attributes tried that did not help
         self.trials = 0
         self.modules = dict(model.named_modules())
@@ -114,13 +119,14 @@ class Rehearsal:
             widths = self._width_maps(chosen)
         while failure is not None and self.trials < MAX_TRIALS:
             better = None
-            for module, name, value in self._candidates(failure, widths, attributes):
+            for module, name, value in self._ranked(failure, self._candidates(failure, widths, attributes)):
                 trial_attributes = _merged(attributes, {module: {name: value}})
                 after = self._trial(chosen, trial_attributes)
                 if after is None or after.progress > failure.progress:
                     better = (module, name, trial_attributes, after)
                     break
                 self.tried.setdefault(module, []).append(name)
+                self.unhelpful.add((type(self.modules[module]), name, failure.op))
             if better is None:
                 break
             module, name, tested, failure = better
@@ -192,11 +198,23 @@ class Rehearsal:
             if module is None or _is_torch_layer(module):
                 continue
             for name, value in list(vars(module).items()):
-                if name.startswith("__") or name in attributes.get(module_name, {}) or name == "training":
+                if name.startswith("__") or name in attributes.get(module_name, {}) or name == "training" \
+                        or (type(module), name, failure.op) in self.unhelpful:
                     continue
                 new = self._candidate_value(value, widths.get(module_name, {}))
                 if new is not None:
                     yield module_name, name, new
+
+    def _ranked(self, failure: Failure, candidates: Iterator[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
+        """The candidates whose dense value torch's message names (a shape it could not use) first,
+        at most MAX_CANDIDATES of them."""
+        named = {int(n) for n in re.findall(r"\d+", failure.error)}
+
+        def named_first(candidate: tuple[str, str, Any]) -> bool:
+            dense = getattr(self.modules[candidate[0]], candidate[1])
+            return not any(v in named for v in (dense if isinstance(dense, (list, tuple)) else [dense]))
+
+        return sorted(candidates, key=named_first)[:MAX_CANDIDATES]
 
     def _learned_attributes(self, widths: "_Widths") -> dict[str, dict[str, Any]]:
         """The learned width attributes, at their cut values, on every module of their class."""
