@@ -410,10 +410,9 @@ def refusal(frozen: list[dict[str, Any]]) -> IncompatibleLayer:
     first = frozen[0]
     where = f"in {first['failed_in'] or 'the model'}" + (f" at {first['op']}" if first["op"] else "")
     heads = all(f["kind"] == "head" for f in frozen)
-    modules = sorted({f["module"] for f in frozen if f["module"]})
+    modules = sorted({f["module"] or f["members"][0].rpartition(":")[0] for f in frozen})
     remedy = 'try units=("channel",), which keeps heads whole' if heads else \
-        f"leave the failing layers out with ignore={modules[:8]!r}" if modules else \
-        "leave the failing layers out with ignore=[...]"
+        f"leave the failing layers out with ignore={modules[:8]!r}"
     tried = f" (width attributes tried: {', '.join(first['attributes_tried'])})" if first["attributes_tried"] else ""
     return IncompatibleLayer(f"the cut would break this model {where}: {first['error']}{tried}; it was left "
                              f"unchanged: {len(frozen)} group(s) break it and nothing else was chosen; {remedy}")
