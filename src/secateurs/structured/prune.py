@@ -117,7 +117,7 @@ def _search_free_groups(model: nn.Module, example_inputs: Any, scored: Scored, b
 
 
 # Rounds of search -> rehearse -> freeze for a target; the largest global ratio a target search tries.
-SETTLE_ROUNDS = 3
+SETTLE_ROUNDS = 5
 LARGEST_RATIO = 0.95
 
 
