@@ -291,3 +291,27 @@ def test_found_attributes_are_replayed_on_a_fresh_model():
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
+
+
+class UnevenSplit(nn.Module):
+    """A split by a stored list whose equal sizes are cut unequally: the second part meets a
+    grouped convolution (kept whole), the first is cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = [8, 8]
+        self.stem, self.grouped = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fuse, self.head = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        a, b = self.stem(x).split(self.sizes, dim=1)
+        return self.head(self.fuse(torch.cat([a, self.grouped(b)], 1)).mean((2, 3)))
+
+
+def test_split_sizes_follow_each_part_not_just_the_value():
+    torch.manual_seed(0)
+    model, x = UnevenSplit().eval(), torch.randn(2, 3, 8, 8)
+    plan, zeroed = _prune(model, x, ratio=0.25)     # the cut falls in the first part only
+    assert plan.frozen == [] and model.sizes[1] == 8 and 0 < model.sizes[0] < 8
+    assert sum(model.sizes) == model.stem.out_channels
+    _same_output(model, zeroed, x)

@@ -201,7 +201,7 @@ class Rehearsal:
                 if name.startswith("__") or name in attributes.get(module_name, {}) or name == "training" \
                         or (type(module), name, failure.op) in self.unhelpful:
                     continue
-                new = self._candidate_value(value, widths.get(module_name, {}))
+                new = widths.split_sizes(module_name, value) or self._candidate_value(value, widths.get(module_name, {}))
                 if new is not None:
                     yield module_name, name, new
 
@@ -224,7 +224,9 @@ class Rehearsal:
         for module_name, module in self.modules.items():
             for cls, name in self.learned:
                 if type(module) is cls and hasattr(module, name):
-                    new = self._candidate_value(getattr(module, name), widths.get(module_name, {}))
+                    value = getattr(module, name)
+                    new = widths.split_sizes(module_name, value) or \
+                        self._candidate_value(value, widths.get(module_name, {}))
                     if new is not None:
                         found.setdefault(module_name, {})[name] = new
         return found
@@ -320,6 +322,26 @@ class _Widths:
                     pairs.append((size, new))
             self.pairs[t] = pairs
         return self.pairs[t]
+
+    def split_sizes(self, module: str, value: Any) -> list[int] | tuple[int, ...] | None:
+        """A list of sizes that a split inside `module` used, at the widths the cut leaves each part."""
+        if not isinstance(value, (list, tuple)) or len(value) < 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return None
+        for op in self.graph.ops:
+            if op.name.split(".")[1:2] != ["split_with_sizes"] or list(op.args[1]) != list(value):
+                continue
+            if op.module != module and not op.module.startswith(module + ".") and module:
+                continue
+            dim = op.args[2] if len(op.args) > 2 else 0
+            sizes = []
+            for t in op.outputs:
+                rank = len(self.graph.tensors[t].shape)
+                i = self.table.ids[(t, dim % rank)]
+                sizes.append(int(self.kept[self.table.offsets[i + 1]] - self.kept[self.table.offsets[i]]))
+            if sizes != list(value):
+                return type(value)(sizes)
+        return None
 
     def get(self, module: str, default: Any = None) -> dict[int, int]:
         if module not in self.maps:
