@@ -85,7 +85,8 @@ def test_masked_name_that_is_not_a_parameter_is_refused(saved):
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"forward": 1}, "not a head-count"), ({"training": 0}, "not a head-count"), ({"qkv": 1}, "not a head-count"),
+    ({"forward": 1}, "not a width field"), ({"training": 0}, "not a width field"), ({"qkv": 1}, "no integer attribute"),
+    ({"_private": 1}, "not a width field"), ({"num_heads": [1]}, "no integer attribute"),
     ({"num_heads": True}, "integer"), ({"num_heads": 1.0}, "integer"), ({"num_heads": 0}, "greater"),
     ({"num_heads": 5}, "only lowers"), ({"heads": 1}, "no integer attribute")])
 def test_attributes_only_lower_known_head_counts(changes, words):

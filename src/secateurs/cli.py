@@ -460,7 +460,7 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_analyze(args: argparse.Namespace, console: Console) -> int:
-    from .graph.groups import analyze
+    from .graph.groups import analyze, is_channel_axis
 
     model = build_model(args.model)
     if args.weights:
@@ -470,12 +470,15 @@ def run_analyze(args: argparse.Namespace, console: Console) -> int:
         analysis = analyze(model, example)
     except RuntimeError as exc:
         raise InvalidArgument(f"the model does not run on an input of shape {args.input_shape}: {str(exc).splitlines()[0]}") from None
-    table = Table(title=f"{args.model}: {len(analysis.groups)} groups of coupled channels")
+    shown = [g for g in analysis.groups if is_channel_axis(g)]
+    table = Table(title=f"{args.model}: {len(shown)} groups of coupled channels")
     for column in ("group", "kind", "units", "prunable", "members", "blocked by"):
         table.add_column(column)
-    for g in analysis.groups:
+    for g in shown:
         table.add_row(str(g.index), g.kind, str(g.size), str(len(g.prunable_units)), g.members_text(), g.reason or "")
     console.print(table)
+    if len(shown) < len(analysis.groups):
+        console.print(f"({len(analysis.groups) - len(shown)} kernel / table-row axes hidden: they are not channels)")
     if analysis.unknown_ops:
         console.print(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(analysis.unknown_ops)))}")
     return 0

@@ -3,8 +3,9 @@
 A plan file is data a user may have edited or been sent, and replaying it cuts and sets
 attributes on a live model. So every field is checked first: keeps are sorted, unique,
 in-range integers that agree wherever two of them cut the same layer; attributes may only
-set the integer head-count fields a cut changes (`cut.HEAD_COUNT_ATTRIBUTES`), never
-`forward`, `training` or a submodule. Anything else is one line naming the field.
+lower public integer (or integer-list) width fields a module already has (head counts,
+`hidden_dim`, split sizes: what the cut or its rehearsal changed), never `forward`,
+`training`, a submodule or anything not an integer. Anything else is one line naming the field.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 from torch import nn
 
 from .errors import FileProblem, InvalidArgument
-from .structured.cut import HEAD_COUNT_ATTRIBUTES, _owner, _role
+from .structured.cut import _owner, _role
 
 
 def _sorted_unique(kept: list[int]) -> list[int]:
@@ -38,9 +39,9 @@ def _keep_key(key: str) -> str:
 
 
 def _known_attribute(name: str) -> str:
-    if name not in HEAD_COUNT_ATTRIBUTES:
-        raise ValueError(f"attribute {name!r} is not a head-count field a cut sets "
-                         f"(one of {', '.join(HEAD_COUNT_ATTRIBUTES)})")
+    if not name.isidentifier() or name.startswith("_") or hasattr(nn.Module, name) or name == "training":
+        raise ValueError(f"attribute {name!r} is not a width field a cut sets (a public integer attribute "
+                         "of the module, not one of nn.Module's own)")
     return name
 
 
@@ -48,6 +49,7 @@ Name = Annotated[StrictStr, Field(min_length=1)]   # a module or parameter name:
 Keep = Annotated[list[Annotated[StrictInt, Field(ge=0)]], AfterValidator(_sorted_unique)]
 KeepKey = Annotated[StrictStr, AfterValidator(_keep_key)]
 Attribute = Annotated[StrictStr, AfterValidator(_known_attribute)]
+Width = Annotated[StrictInt, Field(ge=1)]
 
 
 class _Record(BaseModel):
@@ -70,7 +72,7 @@ class BlocksRecord(_Record):
 class Step(_Record):
     keeps: dict[KeepKey, Keep] = {}
     # "" is the model itself (an attention module at the root), so module names here may be empty
-    attributes: dict[StrictStr, dict[Attribute, Annotated[StrictInt, Field(ge=1)]]] = {}
+    attributes: dict[StrictStr, dict[Attribute, Width | list[Width]]] = {}
     added_biases: list[Name] = []
     params_before: Annotated[StrictInt, Field(ge=0)] = 0
     blocks: BlocksRecord | None = None
@@ -143,13 +145,14 @@ def check_attributes(model: nn.Module, attributes: dict[str, dict[str, int]]) ->
         except AttributeError:
             raise InvalidArgument(f"plan attributes name module {module_name!r}, which this model does not have") from None
         for attribute, value in changes.items():
+            where = f"plan attribute {module_name or '<model>'}.{attribute}"
             current = getattr(owner, attribute, None)
-            if not isinstance(current, int) or isinstance(current, bool):
-                raise InvalidArgument(f"plan attribute {module_name or '<model>'}.{attribute}: the module has no "
-                                      "integer attribute of that name")
-            if value > current:
-                raise InvalidArgument(f"plan attribute {module_name or '<model>'}.{attribute}: {value} is more "
-                                      f"than the model's {current} (a cut only lowers head counts)")
+            ints = [current] if isinstance(value, int) else list(current) if isinstance(current, (list, tuple)) else []
+            values = [value] if isinstance(value, int) else list(value)
+            if not ints or len(ints) != len(values) or any(not isinstance(c, int) or isinstance(c, bool) for c in ints):
+                raise InvalidArgument(f"{where}: the module has no integer attribute of that name and shape")
+            if any(v > c for v, c in zip(values, ints)):
+                raise InvalidArgument(f"{where}: {value} is more than the model's {current} (a cut only lowers widths)")
 
 
 def check_modules(model: nn.Module, names: list[str], what: str) -> None:

@@ -44,6 +44,7 @@ class StructuredPlan(PlanRecord):
     compensated: list[str] = field(default_factory=list)   # linear layers whose bias absorbed removed inputs
     added_biases: list[str] = field(default_factory=list)  # of those, the ones that had no bias before
     budget: dict[str, Any] = field(default_factory=dict)   # a target search: the target, predicted and measured cost
+    frozen: list[dict[str, Any]] = field(default_factory=list)  # groups kept whole: the cut would break the model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
