@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="MODULE:FACTORY", help="e.g. mypkg.models:build (with --weights)")
     source.add_argument("--hf", metavar="PATH", help="a Hugging Face causal LM or encoder folder, loaded offline")
+    source.add_argument("--keras", metavar="FILE", help="a Keras 3 model file (.keras), on the current Keras backend")
     p.add_argument("--weights", default=None, help="with --model: .safetensors, or a torch file of plain tensors")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file (only files you trust)")
     _add_selection(p)
@@ -282,6 +283,9 @@ def _at_threads(target: str | None, threads: int) -> str | None:
 def run_prune(args: argparse.Namespace, console: Console) -> int:
     if args.hf is not None:
         return run_prune_hf(args, console)
+    if args.keras is not None:   # secateurs.keras.cli: the same options and outputs for Keras 3 models
+        from .keras.cli import run_prune_keras
+        return run_prune_keras(args, console)
     _refuse_given(args, _HF_ONLY, "--model (it is for --hf)")
     args.threads = args.threads or 1
     if args.weights is None:
