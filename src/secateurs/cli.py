@@ -25,15 +25,12 @@ from .batches import LOSSES
 from .checkpoint import load, save
 from .criteria import get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
-from .inputs import calibration_batches, check_unstructured, example_for, quality_on, resolve_spellings
+from .inputs import (HF_ONLY, MODEL_ONLY, calibration_batches, check_common, check_structured, check_unstructured,
+                     example_for, quality_on, refuse_given, resolve_spellings)
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
 from .measure import Timing, budget_text, count_parameters, measure
-from .progress import Steps
+from .progress import Steps, before_after_table, cell
 from .structured import BUDGETS, UNIT_KINDS, Budget, parse_target, prune_structured
-from .structured.options import check_options
-
-ROWS = ("accuracy", "loss", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes",
-        "latency_ms")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -144,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="MODULE:FACTORY", help="e.g. mypkg.models:build (with --weights)")
     source.add_argument("--hf", metavar="PATH", help="a Hugging Face causal LM or encoder folder, loaded offline")
+    source.add_argument("--keras", metavar="FILE", help="a Keras 3 model file (.keras), on the current Keras backend")
     p.add_argument("--weights", default=None, metavar="FILE", help="with --model: .safetensors, or torch plain tensors")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a torch weights file you trust")
     _add_remove_keep(p, "fraction removed: of the weights, or with --structured of each group's channels",
@@ -226,57 +224,10 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
                     help="re-collect statistics after each group of a block's linears (slower)")
     hf.add_argument("--measure-error", action="store_true",
                     help="report each linear's reconstruction error ||WX - W'X||^2 (one more pass per block)")
-    hf.add_argument("--refine", default=None, metavar="NAME", help="dsnot: after --method (wanda, sparsegpt, ria, alps, "
-                    "magnitude): swap pruned and kept weights to lower each row's error (DSnoT)")
-    hf.add_argument("--permute", action="store_true", help="with --pattern: permute input channels (and their "
-                    "producers, so the model is unchanged) before N:M pruning")
+    hf.add_argument("--refine", default=None, metavar="NAME", help="dsnot: then swap weights to lower each row's error")
+    hf.add_argument("--permute", action="store_true", help="with --pattern: permute input channels before N:M")
     hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
     hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
-
-
-# argparse dests of the options that belong to one source only
-_HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers", "device",
-            "offload_inputs", "true_sequential", "measure_error", "refine", "permute")
-_MODEL_ONLY = ("weights", "trust_pickle", "input_shape", "types", "include", "prune_last", "skip_incompatible",
-               "max_batches")
-
-
-def _refuse_given(args: argparse.Namespace, names: Sequence[str], source: str) -> None:
-    given = [n for n in names if getattr(args, n) not in (None, False)]
-    if given:
-        raise InvalidArgument(f"--{given[0].replace('_', '-')} does not apply with {source}")
-
-
-def _check_common(args: argparse.Namespace) -> None:
-    get_criterion(args.method or "magnitude")
-    resolve_sparsity(args.sparsity, args.pattern)
-
-
-def _cell(key: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if key == "accuracy":
-        return f"{value:.2%}"
-    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
-
-
-def _table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
-    """Before and after, row by row; latency as median ± half the IQR, its ratio marked where within noise."""
-    table = Table(title=title)
-    for column in ("", "before", "after", "after / before"):
-        table.add_column(column, justify="right" if column else "left")
-    for key in ROWS:
-        b, a = before.get(key), after.get(key)
-        if b is None or a is None:
-            continue
-        if key == "latency_ms":
-            tb, ta = Timing.of(before), Timing.of(after)
-            noise = ", within noise" if ta.within_noise(tb) else ""
-            table.add_row(f"latency ({tb.threads} thread{'s' * (tb.threads > 1)})", str(tb), str(ta),
-                          f"{a / b:.3f}{noise}" if b else "-")
-            continue
-        table.add_row(key, _cell(key, b), _cell(key, a), f"{a / b:.3f}" if b else "-")
-    return table
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> int:
@@ -316,15 +267,6 @@ def _example(model: torch.nn.Module, shape: str, console: Console, dtype: str = 
     return example
 
 
-def _check_structured(args: argparse.Namespace) -> None:
-    if args.pattern is not None or args.sparsity is not None:
-        raise InvalidArgument("--structured takes --remove (--ratio) or --keep (--target), not --sparsity / --pattern")
-    if (args.ratio is None) == (args.target is None):
-        raise InvalidArgument("--structured needs exactly one of --remove F (--ratio: fraction of each group's "
-                              "channels) or --keep COST=F (--target, e.g. macs=0.5)")
-    check_options(ratio=args.ratio, target=args.target, method=args.method or "l2")
-
-
 def _at_threads(target: str | None, threads: int) -> str | None:
     """A latency target without a thread count of its own is timed at --threads, as the measurements are."""
     if target is None:
@@ -339,17 +281,20 @@ def run_prune(args: argparse.Namespace, console: Console) -> int:
     resolve_spellings(args)
     if args.hf is not None:
         return run_prune_hf(args, console)
-    _refuse_given(args, _HF_ONLY, "--model (it is for --hf)")
+    if args.keras is not None:   # secateurs.keras.cli: the same options and outputs for Keras 3 models
+        from .keras.cli import run_prune_keras
+        return run_prune_keras(args, console)
+    refuse_given(args, HF_ONLY, "--model (it is for --hf)")
     args.threads = args.threads or 1
     if args.weights is None:
         raise InvalidArgument("--model needs --weights (a .safetensors file or a torch file of plain tensors)")
     if args.structured:
-        _check_structured(args)
+        check_structured(args)
         args.method = args.method or "l2"
     else:
         check_unstructured(args)
         args.method = args.method or "magnitude"
-        _check_common(args)
+        check_common(args)
     inputs = [args.weights] + ([args.calib] if args.calib else [])
     check_output_dir(args.out, inputs, overwrite=args.overwrite)
     model = build_model(args.model)
@@ -416,7 +361,7 @@ def _finish_prune(args: argparse.Namespace, console: Console, model: torch.nn.Mo
     with staged_output(args.out) as stage:
         save(model, stage, plan)
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    console.print(_table(title, before, after))
+    console.print(before_after_table(title, before, after))
     if "evaluated_on" in metrics:
         console.print(f"accuracy and loss: on {metrics['evaluated_on']}", highlight=False)
     if getattr(plan, "budget", None):
@@ -428,7 +373,7 @@ def _finish_prune(args: argparse.Namespace, console: Console, model: torch.nn.Mo
 
 def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
     """`prune --hf`: the whole run is `llm.pipeline.prune_checkpoint`; this prints its metrics."""
-    _refuse_given(args, _MODEL_ONLY, "--hf (it is for --model)")
+    refuse_given(args, MODEL_ONLY, "--hf (it is for --model)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing may download
     import transformers
 
@@ -503,14 +448,14 @@ def _run_recipe(args: argparse.Namespace, console: Console) -> int:
 
     def finished(index: int, name: str, record: dict[str, Any]) -> None:
         m = record["measurement"]
-        console.print(f"stage {index} {name}: accuracy {_cell('accuracy', m.get('accuracy'))}, MACs {m['macs']:,}, "
+        console.print(f"stage {index} {name}: accuracy {cell('accuracy', m.get('accuracy'))}, MACs {m['macs']:,}, "
                       f"{m['size_bytes']:,} bytes, {Timing.of(m)} ({record['seconds']:.1f} s)", highlight=False)
 
     result = run_recipe(args.recipe, args.out, resume=args.resume, on_stage=finished)
     if args.resume:
         console.print(f"resumed {args.out}: {len(result.ran)} stage(s) run, {result.resumed_from} already done")
     dense, final = result.metrics["dense"]["measurement"], result.metrics["final"]
-    console.print(_table(f"{args.recipe}: dense vs after the last stage ({final['stage']})", dense, final))
+    console.print(before_after_table(f"{args.recipe}: dense vs after the last stage ({final['stage']})", dense, final))
     console.print(f"wrote config.yaml, run.json, metrics.json and checkpoints to {args.out}/")
     return 0
 

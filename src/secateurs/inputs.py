@@ -3,14 +3,17 @@ example inputs checked on the model."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from .api import resolve_sparsity
 from .batches import LOSSES, check_data_tensors, mean_loss
+from .criteria import get_criterion
 from .errors import FileProblem, InvalidArgument
 from .io import load_state
+from .structured.options import check_options
 
 
 def _one_of(args: argparse.Namespace, new: str, old: str) -> None:
@@ -123,5 +126,32 @@ def quality_on(model: nn.Module, data: list[Any] | None, loss: str) -> dict[str,
     return result
 
 
-__all__ = ["calibration_batches", "check_unstructured", "example_for", "example_input", "quality_on",
+# argparse dests of the options that belong to one source only
+HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers", "device",
+            "offload_inputs", "true_sequential", "measure_error", "refine", "permute")
+MODEL_ONLY = ("weights", "trust_pickle", "input_shape", "types", "include", "prune_last", "skip_incompatible",
+               "max_batches")
+
+
+def refuse_given(args: argparse.Namespace, names: Sequence[str], source: str) -> None:
+    given = [n for n in names if getattr(args, n) not in (None, False)]
+    if given:
+        raise InvalidArgument(f"--{given[0].replace('_', '-')} does not apply with {source}")
+
+
+def check_common(args: argparse.Namespace) -> None:
+    get_criterion(args.method or "magnitude")
+    resolve_sparsity(args.sparsity, args.pattern)
+
+
+def check_structured(args: argparse.Namespace) -> None:
+    if args.pattern is not None or args.sparsity is not None:
+        raise InvalidArgument("--structured takes --remove (--ratio) or --keep (--target), not --sparsity / --pattern")
+    if (args.ratio is None) == (args.target is None):
+        raise InvalidArgument("--structured needs exactly one of --remove F (--ratio: fraction of each group's "
+                              "channels) or --keep COST=F (--target, e.g. macs=0.5)")
+    check_options(ratio=args.ratio, target=args.target, method=args.method or "l2")
+
+
+__all__ = ["HF_ONLY", "MODEL_ONLY", "check_common", "check_structured", "refuse_given", "calibration_batches", "check_unstructured", "example_for", "example_input", "quality_on",
            "resolve_spellings"]

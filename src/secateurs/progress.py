@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .measure import Timing
+
+ROWS = ("accuracy", "loss", "params", "nonzeros", "macs", "nonzero_macs", "size_bytes", "dense_size_bytes",
+        "latency_ms")
 
 
 class Steps:
@@ -45,4 +51,31 @@ class Steps:
         self.line(f"  done in {time.perf_counter() - started:.1f} s")
 
 
-__all__ = ["Steps"]
+def cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "accuracy":
+        return f"{value:.2%}"
+    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
+
+
+def before_after_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
+    """Before and after, row by row; latency as median ± half the IQR, its ratio marked where within noise."""
+    table = Table(title=title)
+    for column in ("", "before", "after", "after / before"):
+        table.add_column(column, justify="right" if column else "left")
+    for key in ROWS:
+        b, a = before.get(key), after.get(key)
+        if b is None or a is None:
+            continue
+        if key == "latency_ms":
+            tb, ta = Timing.of(before), Timing.of(after)
+            noise = ", within noise" if ta.within_noise(tb) else ""
+            table.add_row(f"latency ({tb.threads} thread{'s' * (tb.threads > 1)})", str(tb), str(ta),
+                          f"{a / b:.3f}{noise}" if b else "-")
+            continue
+        table.add_row(key, cell(key, b), cell(key, a), f"{a / b:.3f}" if b else "-")
+    return table
+
+
+__all__ = ["ROWS", "Steps", "before_after_table", "cell"]
