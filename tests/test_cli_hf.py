@@ -302,7 +302,7 @@ def test_api_returns_the_metrics_it_writes(zoo, tmp_path):
 BAD = [
     (["--hf", "{zoo}/nothing-here"], "model folder"),
     (["--hf", "{zoo}"], "has no config.json: not a Hugging Face model folder"),
-    (["--method", "obs"], "method must be one of ['magnitude', 'sparsegpt', 'wanda'], got 'obs'"),
+    (["--method", "obs"], "method must be one of ['alps', 'magnitude', 'ria', 'sparsegpt', 'wanda'], got 'obs'"),
     (["--sparsity", "1.5"], "sparsity must be in [0, 1), got 1.5"),
     (["--pattern", "2of4"], "pattern must look like 'N:M'"),
     (["--pattern", "2:4", "--sparsity", "0.7"], "pattern 2:4 means sparsity 0.5"),

@@ -170,20 +170,19 @@ def test_config_tells_the_pruned_sizes_in_place():
     assert model.config.intermediate_size == 64 and model.config.hidden_size == 32
 
 
-def test_a_cut_that_would_break_the_model_is_refused_and_leaves_it_whole():
-    # Phi-3 slices its fused q/k/v projection with bounds read from the config at run time
-    from secateurs.errors import IncompatibleLayer
+def test_heads_the_cut_would_break_are_frozen_and_the_rest_is_cut():
+    # Phi-3 slices its fused q/k/v projection with bounds read from the config at run time:
+    # its heads are frozen (named, with the failing line), its MLP channels are cut
     torch.manual_seed(0)
     config = transformers.Phi3Config(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=128, pad_token_id=0,
                                      bos_token_id=0, eos_token_id=0)
     model, inputs = transformers.Phi3ForCausalLM(config).eval(), _tokens()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = _logits(model, inputs)
-    with pytest.raises(IncompatibleLayer, match="would break this model") as error:
-        prune_structured(model, inputs, 0.5)
-    assert "\n" not in str(error.value)
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert model.config.num_attention_heads == 4
-    torch.testing.assert_close(_logits(model, inputs), expected)
+    shape = _logits(model, inputs).shape
+    with pytest.warns(UserWarning, match=r"(?s)kept whole.*self_attn.*units=\(\"channel\",\)"):
+        plan = prune_structured(model, inputs, 0.5)
+    assert plan.frozen and {f["kind"] for f in plan.frozen} == {"head"}
+    assert all(f["module"].endswith("self_attn") and f["op"].startswith("modeling_phi3.py:") for f in plan.frozen)
+    assert model.config.num_attention_heads == 4 and model.model.layers[0].self_attn.qkv_proj.out_features == 128
+    assert model.model.layers[0].mlp.down_proj.in_features < 128
+    assert _logits(model, inputs).shape == shape

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -143,25 +142,20 @@ def test_two_structured_cuts_saved_with_only_the_last_plan_replay_both(tmp_path)
 def test_staging_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
     import fcntl
 
-    from secateurs.io import OWNER_SUFFIX, SWEEP_MIN_AGE_S, staged_output
+    from secateurs.io import OWNER_SUFFIX, staged_output
 
-    old = time.time() - 2 * SWEEP_MIN_AGE_S
-
-    def stage(name, record=True, age=old):
+    def stage(name, record=True):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "half-written.bin").write_bytes(b"x" * 10)
         if record:
-            owner = tmp_path / (name + OWNER_SUFFIX)
-            owner.write_text("{}")
-            os.utime(owner, (age, age))
+            (tmp_path / (name + OWNER_SUFFIX)).write_text("{}")
         return folder
 
-    killed = stage(".secateurs-killed")                   # nobody holds its lock: its process died
+    killed = stage(".secateurs-killed")                   # nobody holds its lock: its process died a moment ago
     running = stage(".secateurs-live")                    # its owner (here: this test) holds the lock
     holder = os.open(tmp_path / (".secateurs-live" + OWNER_SUFFIX), os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX)
-    young = stage(".secateurs-young", age=time.time())    # too new: its owner may not have locked it yet
     users = stage(".secateurs-users-own", record=False)   # no owner record: not ours to touch
     try:
         with staged_output(tmp_path / "out") as folder:
@@ -170,7 +164,7 @@ def test_staging_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
     finally:
         os.close(holder)
     assert not killed.exists() and not (tmp_path / (".secateurs-killed" + OWNER_SUFFIX)).exists()
-    assert running.exists() and young.exists() and users.exists()
+    assert running.exists() and users.exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
-    assert sorted(p.name for p in tmp_path.glob(".secateurs-*") if not p.is_dir()) == [
-        ".secateurs-live" + OWNER_SUFFIX, ".secateurs-young" + OWNER_SUFFIX]   # ours cleaned up after itself
+    assert sorted(p.name for p in tmp_path.glob(".*") if not p.is_dir()) == [
+        ".secateurs-live" + OWNER_SUFFIX]   # ours (record and lock) cleaned up after itself

@@ -66,7 +66,7 @@ def test_macs_target_is_met(name):
 
 
 class FusedSplit(nn.Module):
-    """One projection sliced in two halves by a stored width: the cut cannot update `half`."""
+    """One projection sliced in two halves by a stored width: the cut must update `half`."""
 
     def __init__(self):
         super().__init__()
@@ -77,12 +77,29 @@ class FusedSplit(nn.Module):
         return self.out(h[:, :self.half] * torch.sigmoid(h[:, self.half:]))
 
 
+class LiteralSplit(FusedSplit):
+    """The same split with the width written in the code: no attribute can follow the cut."""
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.out(h[:, :8] * torch.sigmoid(h[:, 8:]))
+
+
+def test_a_stored_width_is_found_by_rehearsal_and_updated():
+    model, x = FusedSplit().eval(), torch.randn(4, 8)
+    plan = prune_structured(model, x, 0.5)
+    assert model.half == 4 and model.proj.out_features == 8
+    assert plan.attributes == {"": {"half": 4}} and plan.frozen == []
+    assert model(x).shape == (4, 2)
+
+
 def test_a_cut_that_would_break_the_model_is_refused_before_touching_it():
     from secateurs.errors import IncompatibleLayer
-    model, x = FusedSplit().eval(), torch.randn(4, 8)
+    model, x = LiteralSplit().eval(), torch.randn(4, 8)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(IncompatibleLayer, match="would break this model.*left unchanged"):
+    with pytest.raises(IncompatibleLayer, match="would break this model.*left unchanged") as error:
         prune_structured(model, x, 0.5)
+    assert "\n" not in str(error.value) and "h[:, :8]" in str(error.value) and "ignore=['proj.weight']" in str(error.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.proj.out_features == 16
 

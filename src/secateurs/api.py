@@ -18,6 +18,7 @@ from .allocate import (
 from .batches import LossFn
 from .criteria import Calibration, Criterion, get_criterion
 from .errors import IncompatibleLayer, InvalidArgument
+from .model_checks import check_model
 from .plans import PlanRecord
 from .select import Target, select_targets
 from .sparsity import MASK_SUFFIX, parse_pattern, set_mask
@@ -135,6 +136,7 @@ def prune(
     iterable of batches, and gradient-based ones a `loss_fn(outputs, targets)`.
     Weights pruned earlier stay pruned.
     """
+    check_model(model, traced=False)
     criterion = get_criterion(method, seed=seed)
     if criterion.scores_norms:
         raise InvalidArgument(f"method {criterion.name!r} ranks channels by their norm scale, not single weights; "

@@ -141,3 +141,41 @@ def mean_loss(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, max_bat
     if count == 0:
         raise MissingData("the data yielded no batches to measure the loss on")
     return total / count
+
+
+def check_data_tensors(source: str, inputs: torch.Tensor, targets: torch.Tensor | None) -> None:
+    """Refuse data a run cannot learn or score from: no examples, 0-d tensors, label counts that
+    differ from the inputs', labels that are neither class indices nor float targets."""
+    if inputs.dim() == 0:
+        raise InvalidArgument(f"{source}: 'inputs' is a single number (0-d); it needs a batch dimension")
+    if len(inputs) == 0:
+        raise MissingData(f"{source} holds no examples (its 'inputs' tensor is empty)")
+    if targets is None:
+        return
+    if targets.dim() == 0:
+        raise InvalidArgument(f"{source}: 'targets' is a single number (0-d); it needs one label per input")
+    if len(targets) != len(inputs):
+        raise InvalidArgument(f"{source}: {len(inputs)} inputs but {len(targets)} targets")
+    if not (targets.is_floating_point() and targets.isfinite().all()) and targets.dtype not in _INDEX_DTYPES:
+        raise InvalidArgument(f"{source}: 'targets' of dtype {targets.dtype} are neither class indices (integers) "
+                              "nor finite float targets")
+    if inputs.is_floating_point() and not inputs.isfinite().all():
+        raise InvalidArgument(f"{source}: 'inputs' hold NaN or infinite values")
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_class_labels(source: str, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+    """Class-index labels (for cross-entropy) must be integers in [0, classes) for the model's `outputs`."""
+    if targets.is_floating_point() and targets.shape == outputs.shape:
+        return   # class probabilities
+    if targets.is_floating_point():
+        raise InvalidArgument(f"{source}: cross-entropy needs integer class labels, got float targets of shape "
+                              f"{tuple(targets.shape)} (cast them to int64, or pass class probabilities shaped like "
+                              f"the model's output {tuple(outputs.shape)})")
+    classes = outputs.shape[1] if outputs.dim() > 1 else 0
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= classes:
+        raise InvalidArgument(f"{source}: labels must be class indices in [0, {classes}) for this model's "
+                              f"{classes} outputs, found {low}..{high}")

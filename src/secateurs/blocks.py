@@ -475,7 +475,11 @@ def replay_blocks(model: nn.Module, record: BlockPlan | dict[str, Any]) -> nn.Mo
     """Remove from a fresh `model` the blocks a plan removed, the same way, so saved weights fit."""
     if isinstance(record, BlockPlan):
         record = asdict(record)
-    record = record.get("blocks", record)
+    from .plan_schema import BlocksRecord, check_modules, parse_plan
+
+    record = record.get("blocks", record) if isinstance(record, dict) else record
+    parse_plan(record, BlocksRecord)
+    check_modules(model, record.get("removed", []), "removed blocks")
     removed = list(record.get("removed", []))
     how = {name: record.get("how", {}).get(name, "delete") for name in removed}
     _remove(model, removed, how, dict(record.get("returns", {})))

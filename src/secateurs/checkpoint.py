@@ -14,13 +14,16 @@ from typing import Any
 from torch import nn
 
 from .blocks import replay_blocks
+from .errors import FileProblem
 from .io import (
     PLAN_FILE,
     SPARSE_WEIGHTS_FILE,
     WEIGHTS_FILE,
+    check_output_dir,
     load_into,
     load_state,
     save_weights,
+    staged_output,
 )
 from .sparsity import masked_params, set_mask
 from .structured.plan import applied_plans, replay
@@ -56,21 +59,23 @@ def _with_earlier_plans(model: nn.Module, plan: Any | None) -> Any | None:
     return history
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None) -> Path:
+def save(model: nn.Module, out_dir: str | os.PathLike, plan: Any | None = None, overwrite: bool = False) -> Path:
     """Write the pruned model to `out_dir`: dense and sparse safetensors plus plan.json.
 
     `plan` is a StructuredPlan, a BlockPlan, or a list of them in the order they were
     applied (load replays them in that order, so the names each one recorded fit).
+    A folder that already holds files is refused unless `overwrite` (as `prune` does);
+    the files are written beside it and moved in only once all are complete.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, [], overwrite=overwrite)
     plan = _with_earlier_plans(model, plan)
-    save_weights(model, out / WEIGHTS_FILE)
-    save_weights(model, out / SPARSE_WEIGHTS_FILE, sparse=True)
     record = _plan_record(plan)
     record = {**record, "masked": [mp.name for mp in masked_params(model)]}
-    (out / PLAN_FILE).write_text(json.dumps(record, indent=2))
-    return out
+    with staged_output(out) as stage:
+        save_weights(model, stage / WEIGHTS_FILE)
+        save_weights(model, stage / SPARSE_WEIGHTS_FILE, sparse=True)
+        (stage / PLAN_FILE).write_text(json.dumps(record, indent=2))
+    return Path(out_dir)
 
 
 def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -> nn.Module:
@@ -80,17 +85,22 @@ def load(model: nn.Module, in_dir: str | os.PathLike, keep_masks: bool = True) -
     heads cut, in the order they were applied), so the weights fit. With `keep_masks`, the layers that were masked get masks again from
     their zeros, so fine-tuning the loaded model keeps them pruned.
     """
+    from .plan_schema import read_plan   # pydantic loads on first use, not with the package
+
     src = Path(in_dir)
-    plan_path = src / PLAN_FILE
-    record = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    record = read_plan(src / PLAN_FILE)
+    weights = src / WEIGHTS_FILE
+    if not weights.is_file():
+        weights = src / SPARSE_WEIGHTS_FILE
+    state = load_state(weights)   # read before anything is cut: a bad file leaves the model as it was
+    for name in record.get("masked", []) if keep_masks else []:
+        if name not in state:
+            raise FileProblem(f"{src / PLAN_FILE}: masked names {name!r}, which {weights.name} does not hold")
     for step in record.get("steps", [record]):
         for kind, replay_step in _REPLAYS.items():
             if step.get(kind):
                 replay_step(model, step)
-    weights = src / WEIGHTS_FILE
-    if not weights.is_file():
-        weights = src / SPARSE_WEIGHTS_FILE
-    load_into(model, load_state(weights), source=str(weights))
+    load_into(model, state, source=str(weights))
     if keep_masks:
         for name in record.get("masked", []):
             module_name, _, param_name = name.rpartition(".")

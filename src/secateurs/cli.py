@@ -22,12 +22,12 @@ from rich.table import Table
 from .allocate import NORMALIZERS, SCOPES
 from .api import prune, resolve_sparsity
 from .batches import LOSSES
+from .checkpoint import load, save
 from .criteria import get_criterion
 from .errors import FileProblem, InvalidArgument, SecateursError
-from .checkpoint import load, save
+from .inputs import calibration_batches, check_unstructured, example_for, quality_on, resolve_spellings
 from .io import build_model, check_output_dir, dense_bytes, load_into, load_state, sparse_bytes, staged_output
 from .measure import Timing, budget_text, count_parameters, measure
-from .inputs import calibration_batches, check_unstructured, example_for, quality_on, resolve_spellings
 from .progress import Steps
 from .structured import BUDGETS, UNIT_KINDS, Budget, parse_target, prune_structured
 from .structured.options import check_options
@@ -106,7 +106,14 @@ def _add_selection(p: argparse.ArgumentParser, method_default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .examples.demo import DEMO_EPOCHS, DEMO_LATENCY_BATCH, DEMO_METHOD, DEMO_PATTERN, DEMO_SPARSITY, DEMO_TARGET
+    from .examples.demo import (
+        DEMO_EPOCHS,
+        DEMO_LATENCY_BATCH,
+        DEMO_METHOD,
+        DEMO_PATTERN,
+        DEMO_SPARSITY,
+        DEMO_TARGET,
+    )
 
     parser = _Parser(prog="secateurs", description="Prune trained PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -219,13 +226,17 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
                     help="re-collect statistics after each group of a block's linears (slower)")
     hf.add_argument("--measure-error", action="store_true",
                     help="report each linear's reconstruction error ||WX - W'X||^2 (one more pass per block)")
+    hf.add_argument("--refine", default=None, metavar="NAME", help="dsnot: after --method (wanda, sparsegpt, ria, alps, "
+                    "magnitude): swap pruned and kept weights to lower each row's error (DSnoT)")
+    hf.add_argument("--permute", action="store_true", help="with --pattern: permute input channels (and their "
+                    "producers, so the model is unchanged) before N:M pruning")
     hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
     hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
 
 
 # argparse dests of the options that belong to one source only
 _HF_ONLY = ("calib_windows", "seqlen", "owl", "eval", "stream", "units", "compensate", "drop_layers", "device",
-            "offload_inputs", "true_sequential", "measure_error")
+            "offload_inputs", "true_sequential", "measure_error", "refine", "permute")
 _MODEL_ONLY = ("weights", "trust_pickle", "input_shape", "types", "include", "prune_last", "skip_incompatible",
                "max_batches")
 
@@ -422,6 +433,7 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
     import transformers
 
     from .llm.pipeline import prune_checkpoint
+    from .llm.records import metrics_table
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -432,38 +444,23 @@ def run_prune_hf(args: argparse.Namespace, console: Console) -> int:
              "stream": args.stream, "structured": args.structured, "ratio": args.ratio, "target": args.target,
              "units": args.units, "compensate": args.compensate, "drop_layers": args.drop_layers,
              "device": args.device, "offload_inputs": args.offload_inputs, "true_sequential": args.true_sequential,
-             "measure_error": args.measure_error, "ignore": args.ignore, "overwrite": args.overwrite}
+             "measure_error": args.measure_error, "refine": args.refine, "permute": args.permute,
+             "ignore": args.ignore, "overwrite": args.overwrite}
     with contextlib.ExitStack() as stack:
         # a live status line in a terminal; in a log, a line per stage
         on_stage = (stack.enter_context(console.status("pruning")).update if console.is_terminal
                     else lambda text: console.print(text, markup=False, highlight=False))
         metrics = prune_checkpoint(args.hf, args.out, args.calib, on_stage=on_stage,
                                    **{k: v for k, v in given.items() if v is not None})
-    console.print(_hf_table(metrics))
+    console.print(metrics_table(metrics))
     how = ("plain transformers loads it" if metrics["saved_as"] == "transformers"
            else "secateurs.hf.load_pretrained loads it")
     console.print(f"wrote the pruned model, tokenizer, metrics.json and report.md to {args.out}/ ({how})")
     return 0
 
 
-def _hf_table(metrics: dict[str, Any]) -> Table:
-    """Before / after of a `prune --hf` run: parameters, non-zeros, MACs and quality where measured."""
-    rows = {"params": metrics["params"], "nonzeros": metrics["nonzeros"], **(
-        {"macs": metrics["pruning"]["macs"]} if "macs" in metrics["pruning"] else {})}
-    if metrics["eval"]:
-        rows[metrics["eval"]["metric"]] = metrics["eval"]
-    table = Table(title=f"{metrics['model']['architecture']}: {metrics['mode']}, {metrics['config']['method']}")
-    for column in ("", "before", "after"):
-        table.add_column(column, justify="right" if column else "left")
-    for key, row in rows.items():
-        table.add_row(key, *(("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
-                             for v in (row["before"], row["after"])))
-    table.add_row("seconds", "", f"{metrics['seconds']['total']:.1f}")
-    return table
-
-
 def run_analyze(args: argparse.Namespace, console: Console) -> int:
-    from .graph.groups import analyze
+    from .graph.groups import analyze, is_channel_axis
 
     model = build_model(args.model)
     if args.weights:
@@ -473,12 +470,15 @@ def run_analyze(args: argparse.Namespace, console: Console) -> int:
         analysis = analyze(model, example)
     except RuntimeError as exc:
         raise InvalidArgument(f"the model does not run on an input of shape {args.input_shape}: {str(exc).splitlines()[0]}") from None
-    table = Table(title=f"{args.model}: {len(analysis.groups)} groups of coupled channels")
+    shown = [g for g in analysis.groups if is_channel_axis(g)]
+    table = Table(title=f"{args.model}: {len(shown)} groups of coupled channels")
     for column in ("group", "kind", "units", "prunable", "members", "blocked by"):
         table.add_column(column)
-    for g in analysis.groups:
+    for g in shown:
         table.add_row(str(g.index), g.kind, str(g.size), str(len(g.prunable_units)), g.members_text(), g.reason or "")
     console.print(table)
+    if len(shown) < len(analysis.groups):
+        console.print(f"({len(analysis.groups) - len(shown)} kernel / table-row axes hidden: they are not channels)")
     if analysis.unknown_ops:
         console.print(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(analysis.unknown_ops)))}")
     return 0

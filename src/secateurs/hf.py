@@ -103,6 +103,8 @@ def load_pretrained(in_dir: str | Path) -> nn.Module:
         raise FileProblem(f"{in_dir} has no config.json: not a saved Hugging Face model")
     import transformers
 
+    from .plan_schema import read_plan
+
     plan_path = src / PLAN_FILE
     if not plan_path.is_file():
         config = transformers.AutoConfig.from_pretrained(src)
@@ -110,7 +112,7 @@ def load_pretrained(in_dir: str | Path) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(src)
     cls = _model_class(config)
     model = cls(config) if isinstance(cls, type) else cls(config)
-    replay(model, json.loads(plan_path.read_text()))
+    replay(model, read_plan(plan_path))
     weights = src / WEIGHTS_FILE
     if not weights.is_file():
         raise FileProblem(f"{in_dir} has a plan but no {WEIGHTS_FILE}")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import LOSSES, mean_loss
+from .batches import LOSSES, check_data_tensors, mean_loss
 from .errors import FileProblem, InvalidArgument
 from .io import load_state
 
@@ -56,8 +56,7 @@ def calibration_batches(path: str | None, batch_size: int, trust_pickle: bool) -
         raise InvalidArgument(f"--batch-size must be at least 1, got {batch_size}")
     inputs = tensors["inputs"]
     targets = tensors.get("targets", tensors.get("labels"))
-    if targets is not None and len(targets) != len(inputs):
-        raise FileProblem(f"calibration file {path}: {len(inputs)} inputs but {len(targets)} targets")
+    check_data_tensors(f"calibration file {path}", inputs, targets)
     if targets is None:
         return list(inputs.split(batch_size))
     return list(zip(inputs.split(batch_size), targets.split(batch_size)))

@@ -9,17 +9,18 @@ stored as they are. Nothing here unpickles unless the caller passes trust_pickle
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
+import math
 import os
 import pickle
 import shutil
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 try:
     import fcntl
@@ -82,18 +83,56 @@ def _encode(state: dict[str, torch.Tensor], sparse: bool) -> tuple[dict[str, tor
     return encoded, metadata
 
 
+def _metadata_entry(metadata: dict[str, str], key: str, schema: Any) -> dict[str, Any]:
+    """One JSON entry of the file's metadata, checked against `schema` (a pydantic type)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(schema).validate_json(metadata.get(key, "{}"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise FileProblem(f"metadata {key}{' at ' + where if where else ''}: {first['msg']}") from None
+
+
+def _sparse_schemas() -> tuple[Any, Any]:
+    from typing import Annotated
+
+    from pydantic import Field, StrictInt, StrictStr
+
+    name = Annotated[StrictStr, Field(min_length=1)]
+    return dict[name, list[Annotated[StrictInt, Field(ge=0)]]], dict[name, name]
+
+
+def _densify(name: str, tensors: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    """One sparse tensor made dense again, after checking its parts agree (so nothing allocates
+    more than the file's own bitmask vouches for)."""
+    values, bits = tensors.get(f"{name}/values"), tensors.get(f"{name}/bitmask")
+    if values is None or bits is None:
+        raise FileProblem(f"sparse tensor {name!r} lacks its values or bitmask")
+    numel = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
+        raise FileProblem(f"sparse tensor {name!r}: a bitmask of {bits.numel()} bytes does not fit shape {shape}")
+    mask = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(bool))
+    if values.dim() != 1 or values.numel() != int(mask.sum()):
+        raise FileProblem(f"sparse tensor {name!r}: {values.numel()} values for {int(mask.sum())} non-zeros")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[mask] = values
+    return dense.reshape(shape)
+
+
 def _decode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """The state `_encode` stored; FileProblem when the metadata does not describe the tensors."""
     metadata = metadata or {}
-    shapes = json.loads(metadata.get(_SPARSE_KEY, "{}"))
+    shapes_schema, aliases_schema = _sparse_schemas()
+    shapes = _metadata_entry(metadata, _SPARSE_KEY, shapes_schema)
+    aliases = _metadata_entry(metadata, _ALIAS_KEY, aliases_schema)
     state = {k: v for k, v in tensors.items() if k.rsplit("/", 1)[0] not in shapes}
     for name, shape in shapes.items():
-        values, bits = tensors[f"{name}/values"], tensors[f"{name}/bitmask"].numpy()
-        numel = int(np.prod(shape))
-        mask = torch.from_numpy(np.unpackbits(bits, count=numel).astype(bool))
-        dense = torch.zeros(numel, dtype=values.dtype)
-        dense[mask] = values
-        state[name] = dense.reshape(shape)
-    for alias, stored in json.loads(metadata.get(_ALIAS_KEY, "{}")).items():
+        state[name] = _densify(name, tensors, shape)
+    for alias, stored in aliases.items():
+        if stored not in state:
+            raise FileProblem(f"alias {alias!r} points to {stored!r}, which the file does not hold")
         state[alias] = state[stored]
     return state
 
@@ -134,7 +173,10 @@ def load_state(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str,
         raise FileProblem(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            state = _read_safetensors(path)
+            try:
+                state = _read_safetensors(path)
+            except FileProblem as exc:
+                raise FileProblem(f"{path} is not a weights file secateurs wrote: {exc}") from None
         else:
             state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
@@ -185,10 +227,15 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
         raise InvalidArgument(f"model factory must look like 'package.module:function', got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise InvalidArgument(f"model factory {spec!r}: {module_name!r} is not a module name (a dotted Python name "
+                              "importable from the current folder, not a path)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InvalidArgument(f"cannot import module {module_name!r} of factory {spec!r}: {exc}") from None
+    except Exception as exc:   # noqa: BLE001 - the user's module ran and failed: their code, one line
+        raise InvalidArgument(f"importing {module_name!r} of factory {spec!r} raised {_one_line(exc)}") from None
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -199,8 +246,18 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
     return factory
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def build_model(spec: str) -> nn.Module:
-    model = import_factory(spec)()
+    """The model the factory named by `spec` builds; InvalidArgument when it raises or returns something else."""
+    factory = import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:   # noqa: BLE001 - the user's code: one line, as theirs, not a secateurs crash
+        raise InvalidArgument(f"your factory {spec!r} raised {_one_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -223,12 +280,11 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[str | os.PathLike]
 # Beside every staging folder, a lock file (`<folder>.owner.json`) its process holds an
 # exclusive flock on while the folder is in use. The kernel drops the lock when the process
 # dies however it dies (SIGKILL, a lost session), so a later run that can take the lock
-# knows the folder is abandoned and removes it; across containers and PID namespaces too,
-# where a pid means nothing. Beside, not inside: the folder must stay empty for nested
-# outputs. Without flock (Windows) nothing is swept.
+# knows the folder is abandoned and removes it, however young; across containers and PID
+# namespaces too, where a pid means nothing. The record is locked before it gets its name,
+# so no sweeper can find it unlocked. Beside, not inside: the folder must stay empty for
+# nested outputs. Without flock (Windows) nothing is swept and nothing is locked.
 OWNER_SUFFIX = ".owner.json"
-# A record younger than this is never swept: its owner may not have locked it yet.
-SWEEP_MIN_AGE_S = 60.0
 
 
 def _lock(fd: int, wait: bool) -> bool:
@@ -240,19 +296,21 @@ def _lock(fd: int, wait: bool) -> bool:
     return True
 
 
+def _owner_record() -> bytes:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+
+
 def sweep_dead_stages(parent: str | os.PathLike) -> list[Path]:
     """Remove the staging folders in `parent` whose owner has gone (its lock is free); returns them.
 
-    Only folders with an unlocked owner record beside them, older than SWEEP_MIN_AGE_S,
-    are touched, so nothing a user made and nothing in use is.
+    Only folders with an unlocked owner record beside them are touched, so nothing a
+    user made and nothing in use is.
     """
     removed: list[Path] = []
     if fcntl is None:
         return removed
     for record in Path(parent).glob(".secateurs-*" + OWNER_SUFFIX):
         try:
-            if time.time() - record.stat().st_mtime < SWEEP_MIN_AGE_S:
-                continue
             fd = os.open(record, os.O_RDONLY)
         except OSError:
             continue   # gone meanwhile, or unreadable: leave it alone
@@ -268,35 +326,120 @@ def sweep_dead_stages(parent: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _locked_record(record: Path) -> int:
+    """A file descriptor holding the flock of `record`, created locked under a temporary name first."""
+    fd, temporary = tempfile.mkstemp(prefix=".lock-", dir=record.parent)
+    _lock(fd, wait=True)   # a fresh file nobody else has opened: immediate
+    os.write(fd, _owner_record())
+    os.replace(temporary, record)
+    return fd
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.secateurs-lock"
+
+
+def _take(path: Path) -> int | None:
+    """A file descriptor holding the flock of `path`, or None while another process holds it."""
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        if not _lock(fd, wait=False):
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)   # its holder removed it between our open and our lock: take the new one
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder `out_dir` for the block: a second secateurs
+    process writing there gets FileProblem at once instead of mixing its files with ours.
+
+    The lock is a file beside the folder (`.<name>.secateurs-lock`), removed on the way out.
+    """
+    out = Path(out_dir).absolute()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileProblem(f"cannot create the parent of output folder {out_dir}: {exc.strerror or exc}") from None
+    if fcntl is None:
+        yield out
+        return
+    path = _lock_path(out)
+    try:
+        fd = _take(path)
+    except OSError as exc:
+        raise FileProblem(f"cannot lock output folder {out_dir}: {exc.strerror or exc}") from None
+    if fd is None:
+        try:
+            holder = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        who = f" (pid {holder['pid']} on {holder.get('host')})" if isinstance(holder, dict) and "pid" in holder else ""
+        raise FileProblem(f"output folder {out_dir} is being written by another secateurs process{who}; "
+                          "wait for it to finish or choose another folder")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, _owner_record())
+        yield out
+    finally:
+        path.unlink(missing_ok=True)   # before unlocking, so a waiter never locks a file about to vanish
+        os.close(fd)
+
+
+# What a full disk, a read-only filesystem or a folder the user may not write report: not a bug
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
     """A temporary directory whose files move into `out_dir` only if the block succeeds.
 
-    Staging folders left beside `out_dir` by killed runs are removed first.
+    Staging folders left beside `out_dir` by killed runs are removed first. `out_dir` is
+    locked (`output_lock`) while its files move, so two writers never interleave.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead_stages(out.parent)
-    stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_dead_stages(out.parent)
+        stage = Path(tempfile.mkdtemp(prefix=".secateurs-", dir=out.parent))
+    except OSError as exc:
+        raise FileProblem(f"cannot write beside output folder {out_dir}: {exc.strerror or exc}") from None
     record = stage.with_name(stage.name + OWNER_SUFFIX)
     fd = None
     try:
         if fcntl is not None:
-            fd = os.open(record, os.O_CREAT | os.O_WRONLY, 0o644)
-            _lock(fd, wait=True)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            fd = _locked_record(record)
         yield stage
-        out.mkdir(exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        for item in stage.iterdir():
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)  # folders need their x bit
-            os.replace(item, out / item.name)
+        with output_lock(out):
+            _move_into(stage, out)
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        raise FileProblem(f"cannot write output folder {out_dir}: {exc.strerror}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if fd is not None:
             record.unlink(missing_ok=True)
             os.close(fd)   # releases the lock
+
+
+def _move_into(stage: Path, out: Path) -> None:
+    """Every file of `stage` renamed into `out`, with the permissions the user's umask gives."""
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise FileProblem(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in stage.iterdir():
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)  # folders need their x bit
+        os.replace(item, out / item.name)
 
 
 __all__ = ["load_state", "load_into", "save_weights", "dense_bytes", "sparse_bytes"]

@@ -58,10 +58,12 @@ def _unit_interval(value: float) -> float:
     return value
 
 
-Number = Annotated[float, BeforeValidator(_no_bool)]
-Fraction = Annotated[float, BeforeValidator(_no_bool), AfterValidator(_fraction)]
-Weight = Annotated[float, BeforeValidator(_no_bool), AfterValidator(_unit_interval)]
-PositiveNumber = Annotated[float, BeforeValidator(_no_bool), AfterValidator(_positive)]
+# `.inf` and `.nan` are YAML floats; a learning rate of inf trains to NaN weights and "succeeds"
+Finite = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+Number = Finite
+Fraction = Annotated[Finite, AfterValidator(_fraction)]
+Weight = Annotated[Finite, AfterValidator(_unit_interval)]
+PositiveNumber = Annotated[Finite, AfterValidator(_positive)]
 Count = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
 PositiveCount = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 
@@ -190,7 +192,7 @@ class FinetuneStage(_Spec):
     epochs: Count = 1
     lr: PositiveNumber = 1e-3
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: Annotated[float, BeforeValidator(_no_bool), Field(ge=0)] = 0.0
+    weight_decay: Annotated[Finite, Field(ge=0)] = 0.0
     parallel: Parallel = None
 
 
@@ -226,7 +228,7 @@ class SaveStage(_Spec):
     @field_validator("path")
     @classmethod
     def _inside_run(cls, path: str) -> str:
-        if Path(path).is_absolute() or ".." in Path(path).parts or not path.strip():
+        if Path(path).is_absolute() or ".." in Path(path).parts or not Path(path).parts or not path.strip():
             raise ValueError(f"must be a folder name inside the run directory, got {path!r}")
         return path
 
@@ -283,7 +285,7 @@ class Recipe(_Spec):
 
     model: ModelSpec
     data: DataSpec
-    seed: Count = 0
+    seed: Annotated[Count, Field(le=2**64 - 1)] = 0    # what torch.manual_seed takes
     threads: PositiveCount = 1
     stages: list[Stage] = Field(min_length=1)
     logging: LoggingSpec | None = None
@@ -411,11 +413,66 @@ def _fail(source: str, line: int | None, where: str, what: str) -> InvalidArgume
     return InvalidArgument(f"{place}: {where + ': ' if where else ''}{what}")
 
 
+# A recipe is a page of YAML: anything far larger is a mistake or an attack (a "billion laughs"
+# document of nested aliases is small on disk but expands to billions of nodes when walked).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _expanded_nodes(root: yaml.Node | None) -> int:
+    """How many nodes the document has once every alias is expanded; counted on the shared
+    graph (memoised, post-order), so a billion-laughs document is measured without being expanded."""
+    started = -1
+    sizes: dict[int, int] = {}
+    stack = [(root, False)] if root is not None else []
+    while stack:   # an explicit stack: a deep document must not exhaust Python's recursion
+        node, finished = stack.pop()
+        if finished:
+            total = 1 + sum(sizes[id(child)] for child in _children(node))
+            sizes[id(node)] = min(total, MAX_RECIPE_NODES + 1)
+        elif sizes.get(id(node)) == started:   # entered and not left: an ancestor of itself
+            raise ValueError("an alias refers to a node that contains it")
+        elif id(node) not in sizes:
+            sizes[id(node)] = started
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+    return sizes[id(root)] if root is not None else 0
+
+
+def _read_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The composed document and its data, refused when it would expand past MAX_RECIPE_NODES."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise _fail(source, None, "", f"a recipe is at most {MAX_RECIPE_BYTES:,} characters, this one has {len(text):,}")
+    loader = _UniqueKeyLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except RecursionError:   # PyYAML composes recursively
+            raise _fail(source, None, "", "the YAML is nested too deep") from None
+        try:
+            nodes = _expanded_nodes(root)
+        except ValueError as exc:
+            raise _fail(source, None, "", str(exc)) from None
+        if nodes > MAX_RECIPE_NODES:
+            raise _fail(source, None, "", f"the YAML expands to more than {MAX_RECIPE_NODES:,} values "
+                                          "(anchors and aliases nested too deep)")
+        return root, loader.construct_document(root) if root is not None else None
+    finally:
+        loader.dispose()
+
+
 def parse_recipe(text: str, source: str = "recipe", base: str | os.PathLike = ".") -> Recipe:
     """Validate YAML `text` as a Recipe; relative paths are read from `base`."""
     try:
-        root = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        root, data = _read_yaml(text, source)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else None
@@ -445,6 +502,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise FileProblem(f"recipe file not found: {path}")
     try:
+        if path.stat().st_size > 4 * MAX_RECIPE_BYTES:   # bytes, before reading: parse_recipe counts characters
+            raise FileProblem(f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is at most "
+                              f"{MAX_RECIPE_BYTES:,} characters")
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise FileProblem(f"cannot read recipe {path}: {exc}") from None

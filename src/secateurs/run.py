@@ -32,11 +32,11 @@ import yaml
 from torch import nn
 
 from .api import prune
-from .batches import LOSSES
+from .batches import LOSSES, check_class_labels, check_data_tensors
 from .checkpoint import save
 from .errors import FileProblem, InvalidArgument
 from .io import _encode as encode_state
-from .io import build_model, check_output_dir, load_into, load_state, staged_output
+from .io import build_model, check_output_dir, load_into, load_state, output_lock, staged_output
 from .measure import TIMING_FIELDS, measure
 from .provenance import versions
 from .quantize import measure_int8, quantize_int8, quantized_layers, save_int8
@@ -104,8 +104,7 @@ def _tensors(path: str, batch_size: int, trust_pickle: bool) -> list[Any]:
     inputs, targets = tensors["inputs"], tensors.get("targets", tensors.get("labels"))
     if targets is None:
         raise FileProblem(f"data file {path} has no 'targets' tensor: training and evaluation need labels")
-    if len(targets) != len(inputs):
-        raise FileProblem(f"data file {path}: {len(inputs)} inputs but {len(targets)} targets")
+    check_data_tensors(f"data file {path}", inputs, targets)
     return list(zip(inputs.split(batch_size), targets.split(batch_size)))
 
 
@@ -141,6 +140,9 @@ def _inputs(recipe: Recipe) -> tuple[nn.Module, Data]:
     try:
         with torch.no_grad():
             model(data.example)
+            if recipe.data.loss == "cross_entropy" and not recipe.data.demo:
+                for source, batches in (("calibration", data.train), ("evaluation", data.evaluation)):
+                    check_class_labels(f"{source} data", torch.cat([t for _, t in batches]), model(batches[0][0]))
     except RuntimeError as exc:
         raise InvalidArgument(f"the model does not run on the example input {tuple(data.example.shape)}: "
                               f"{str(exc).splitlines()[0]}") from None
@@ -328,6 +330,14 @@ def _measure(p: Pipeline) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ checkpoints
 
+def _check_finite(model: nn.Module, index: int, name: str) -> None:
+    """Stop the run when a stage left NaN or infinite weights (a diverged loss), before they are saved."""
+    for param_name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise InvalidArgument(f"stage {index} ({name}): the loss diverged and left NaN or infinite weights in "
+                                  f"{param_name}; lower the learning rate (nothing of this stage was saved)")
+
+
 def _write_json(path: Path, record: Any) -> None:
     """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -414,15 +424,27 @@ def run_recipe(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, resum
     """Run the recipe at `recipe_path` into `out_dir`; with `resume`, go on after its last finished stage.
 
     Nothing is written until the recipe, the model and the data have been read and
-    checked. `on_stage(index, name, record)` is called after each finished stage.
+    checked; `out_dir` is locked for the whole run, so a second run into it stops at once
+    (FileProblem). `on_stage(index, name, record)` is called after each finished stage.
     """
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     spec = recipe.logging.model_dump(exclude_none=True) if recipe.logging else None
     require_loggers(spec)
     out = Path(out_dir)
+    # rank 0 alone writes `out` (the other ranks of a torchrun write a private copy)
+    with output_lock(out) if world()[0] == 0 else contextlib.nullcontext():
+        return _run_locked(recipe, recipe_path, out, spec, resume, on_stage)
+
+
+def _run_locked(recipe: Recipe, recipe_path: Path, out: Path, spec: dict[str, Any] | None, resume: bool,
+                on_stage: Callable[[int, str, dict[str, Any]], Any] | None) -> RunResult:
+    """run_recipe's work, with `out` locked against a second writer."""
     inputs = [recipe_path] + [f for f in (recipe.model.weights, recipe.data.calibration, recipe.data.evaluation) if f]
-    check_output_dir(out, inputs, overwrite=resume)
+    check_output_dir(out, inputs, overwrite=True)
+    if not resume and out.is_dir() and any(out.iterdir()):   # run has no --overwrite: a run folder is resumed or new
+        raise FileProblem(f"run directory {out} is not empty: choose a new folder, or pass --resume to continue "
+                          "the run in it")
     if is_distributed():   # torchrun: every rank runs the stages, rank 0 alone writes `out` and logs
         out, spec = rank_output_dir(out, resume), spec if world()[0] == 0 else None
     with _seeded(_stage_seed(recipe.seed, 0), recipe.threads):
@@ -450,6 +472,7 @@ def run_recipe(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, resum
             started = time.perf_counter()
             with _seeded(_stage_seed(recipe.seed, index + 1), recipe.threads):
                 result = STAGE_RUNNERS[stage.name](pipeline, stage.options, _stage_seed(recipe.seed, index + 1))
+                _check_finite(pipeline.model, index, stage.name)
                 record = {"index": index, "stage": stage.name, "result": result, **_measure(pipeline)}
             record["seconds"] = time.perf_counter() - started
             _checkpoint(pipeline, index, stage.name, record)

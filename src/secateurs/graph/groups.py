@@ -148,11 +148,15 @@ def _choose_carriers(links: list[Links], table: _DimTable, graph: Graph, io_dims
         def roots(dims):
             return {uf.find(table.ids[d]) for d in dims if d in table.ids}
         param_roots, blocked_roots = roots(param_dims), roots(blocked)
-        head_roots = roots([d for d, tag in tagged.items() if tag == "head"])
+        head_roots = roots([d for d, tag in tagged.items() if tag in ("head", "batched heads")])
+        batched_roots = roots([d for d, tag in tagged.items() if tag == "batched heads"])
         changed = False
         for i, (split_dims, flat) in enumerate(reshapes):
             candidates = [d for d in split_dims if table.size(d) > 1]
             free = [d for d in candidates if uf.find(table.ids[d]) not in blocked_roots]
+            if uf.find(table.ids[flat]) in batched_roots:
+                # batch * heads folded for a bmm: the leading (batch, window) dim is not the heads
+                free = [d for d in free if d[1] != 0] + [d for d in free if d[1] == 0]
             ranked = ([d for d in free if uf.find(table.ids[d]) in head_roots]
                       + [d for d in free if uf.find(table.ids[d]) in param_roots] + free)
             choice = ranked[0] if ranked else None
@@ -184,7 +188,8 @@ def analyze_graph(graph: Graph) -> Analysis:
     table = _DimTable(graph, ctx.virtual_sizes)
     io_dims = {(t.index, d) for t in graph.tensors if t.kind == "input" for d in range(len(t.shape))}
     io_dims |= {(o, d) for o in graph.outputs for d in range(len(graph.tensors[o].shape))}
-    carriers = _choose_carriers(links, table, graph, io_dims)
+    buffers = _fixed_buffer_dims(graph)
+    carriers = _choose_carriers(links, table, graph, io_dims | buffers)
 
     sources, targets = [], []
     blocked_atoms: dict[int, str] = {}
@@ -215,6 +220,8 @@ def analyze_graph(graph: Graph) -> Analysis:
             block(dim, reason)
     for dim in io_dims:
         block(dim, "model input or output")
+    for dim in buffers:
+        block(dim, "buffer the cut cannot follow")
 
     n_atoms = int(table.offsets[-1])
     src = np.concatenate(sources) if sources else np.zeros(0, dtype=np.int64)
@@ -235,9 +242,20 @@ def analyze_graph(graph: Graph) -> Analysis:
         for d, n in enumerate(graph.tensors[node].shape):
             if n > 1:
                 unit_of[(name, d)] = component[table.atoms((node, d))]
-    head_components = {int(component[a]) for l in links for dim, tag in l.tags if tag == "head" for a in table.atoms(dim)}
+    head_components = {int(component[a]) for l in links for dim, tag in l.tags if tag in ("head", "batched heads")
+                       for a in table.atoms(dim)}
     groups = _collect_groups(unit_of, blocked_reason, head_components)
     return Analysis(graph, groups, unit_of, unknown, table, component)
+
+
+# Buffers that surgery cuts with their module (a batch norm's statistics); any other buffer
+# (a coordinate table, a fixed positional code) keeps its shape, so nothing may cut across it.
+_CUT_BUFFERS = ("running_mean", "running_var")
+
+
+def _fixed_buffer_dims(graph: Graph) -> set[Dim]:
+    return {(t.index, d) for t in graph.tensors if t.kind == "buffer" and t.name
+            and not t.name.endswith(_CUT_BUFFERS) for d, n in enumerate(t.shape) if n > 1}
 
 
 def _collect_groups(unit_of: dict[tuple[str, int], np.ndarray], blocked: dict[int, str],
@@ -269,3 +287,32 @@ def _collect_groups(unit_of: dict[tuple[str, int], np.ndarray], blocked: dict[in
 def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
     """Trace `model` on `example_inputs` and find its coupled channel groups."""
     return analyze_graph(trace(model, example_inputs))
+
+
+# Reasons that mark an axis that is not a channel axis at all: a conv kernel's height and
+# width, the rows of a table looked up by index (relative-position bias, vocabulary).
+NON_CHANNEL_REASONS = ("kernel dim", "depthwise kernel dim", "embedding vocabulary", "indexed by a tensor",
+                       "indexed by gather")
+
+
+def is_channel_axis(group: Group) -> bool:
+    """False for a group of kernel or table-row positions: no unit of it could ever be cut."""
+    return bool(group.prunable_units) or group.reason not in NON_CHANNEL_REASONS
+
+
+def table(analysis: Analysis, every_axis: bool = False) -> str:
+    """The groups as a plain-text table (kernel and table-row axes left out unless `every_axis`)."""
+    shown = [g for g in analysis.groups if every_axis or is_channel_axis(g)]
+    rows = [("group", "kind", "units", "prunable", "members", "blocked by")]
+    for g in shown:
+        rows.append((str(g.index), g.kind, str(g.size), str(len(g.prunable_units)), g.members_text(), g.reason or ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    hidden = len(analysis.groups) - len(shown)
+    if hidden:
+        lines.append(f"({hidden} kernel / table-row axes hidden: they are not channels)")
+    if analysis.unknown_ops:
+        lines.append(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(analysis.unknown_ops)))}")
+    return "\n".join(lines)
+
+

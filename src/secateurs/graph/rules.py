@@ -22,7 +22,7 @@ class Links:
     segment: list[tuple[Dim, Dim, int]] = field(default_factory=list)      # (whole, part, offset)
     reshape: list[tuple[list[Dim], Dim]] = field(default_factory=list)     # (split dims, outer first; flat dim)
     blocked: list[tuple[Dim, str]] = field(default_factory=list)
-    tags: list[tuple[Dim, str]] = field(default_factory=list)              # "head", "fixed"
+    tags: list[tuple[Dim, str]] = field(default_factory=list)              # "head", "batched heads", "fixed"
     virtual: list[int] = field(default_factory=list)                       # sizes of virtual dims, ids -1, -2, ...
 
 
@@ -633,6 +633,37 @@ def rnn_module(op: OpNode, ctx: Context) -> Links:
 
 
 RULES["rnn"] = rnn_module
+
+
+# ------------------------------------------------------------------ attention written by hand
+# `q @ k.transpose(-2, -1)` on [batch, heads, tokens, head_dim] runs as a bmm over
+# [batch * heads, ...]: the bmm's batch dim is tagged "batched heads", so the reshape that merged
+# batch and heads carries the heads (not the batch, nor window counts folded into it),
+# and the q/k/v projection loses whole heads as with scaled_dot_product_attention.
+
+def bmm_heads(op: OpNode, ctx: Context) -> Links:
+    links = bmm(op, ctx)
+    a, b = _node(op.args[0]), _node(op.args[1])
+    links.tags += [((a, 0), "batched heads"), ((b, 0), "batched heads"), ((op.outputs[0], 0), "batched heads")]
+    return links
+
+
+RULES["bmm"] = bmm_heads
+
+
+# ------------------------------------------------------------------ positions are not channels
+# A convolution's output height and width follow the input's: flattened into tokens and
+# mixed by a Linear (MLP-Mixer, ResMLP), they must never be cut.
+
+def convolution_positions(op: OpNode, ctx: Context) -> Links:
+    links = convolution(op, ctx)
+    out = op.outputs[0]
+    links.blocked += [((out, k), "spatial positions (tokens) of a convolution output")
+                      for k in range(2, len(ctx.shape(out)))]
+    return links
+
+
+RULES["convolution"] = convolution_positions
 
 
 def op_key(op: OpNode) -> str:

@@ -1,6 +1,6 @@
-"""LLM and transformer pruning with calibration, block by block: magnitude, Wanda, SparseGPT, OWL."""
+"""LLM and transformer pruning with calibration, block by block: magnitude, Wanda, SparseGPT, RIA, ALPS, OWL, DSnoT, N:M permutation."""
 # the method modules register themselves with the engine (engine.METHODS) as they are imported
-from . import magnitude, sparsegpt, wanda  # noqa: F401
+from . import alps, dsnot, magnitude, ria, sparsegpt, wanda  # noqa: F401
 from .blocks import BlockLayout, find_block_layout
 from .engine import (
                      METHODS,

@@ -14,8 +14,11 @@ statistics are collected after every earlier group has been pruned.
 
 Prunable layers are nn.Linear and transformers' Conv1D (GPT-2, weight stored [in, out]);
 methods see every weight as [out, in]. Padding tokens (attention_mask == 0) are left out
-of the statistics. The methods live one per module (magnitude, wanda, sparsegpt) and
-register themselves in METHODS with `register_method`; this module never imports them.
+of the statistics. The methods live one per module (magnitude, wanda, sparsegpt, ria,
+alps) and register themselves in METHODS with `register_method`; refinements that follow
+any method (dsnot) register in REFINERS with `register_refiner`; this module never imports
+them. With `permute` (N:M), each consumer linear's inputs and its producers' outputs are
+permuted alike just before the consumer is pruned (llm/permute.py).
 """
 from __future__ import annotations
 
@@ -35,9 +38,12 @@ from ..layers import is_linear_like, weight_out_in
 from ..plans import PlanRecord
 from ..sparsity import parse_pattern
 from .blocks import BlockLayout, block_linears
+from .permute import permute_consumers
 from .stats import LayerStats
 
 PruneFn = Callable[[torch.Tensor, "LayerStats | None", "LLMConfig", str], "tuple[torch.Tensor, str]"]
+# refine(dense, pruned, stats, config, name) -> (refined, note): a mask refinement after any method
+RefineFn = Callable[[torch.Tensor, torch.Tensor, "LayerStats | None", "LLMConfig", str], "tuple[torch.Tensor, str]"]
 STATISTICS = (None, "norms", "hessian")
 
 
@@ -51,25 +57,36 @@ class Method:
 
 # name -> Method, filled by the method modules as they are imported (secateurs.llm imports them all)
 METHODS: dict[str, Method] = {}
+# name -> Method whose prune step is a RefineFn (llm/dsnot.py), filled the same way
+REFINERS: dict[str, Method] = {}
 _COMPARE = ("row", "layer")
+
+
+def _registrar(table: dict[str, Method], name: str, statistic: str | None) -> Callable[[Callable], Callable]:
+    if statistic not in STATISTICS:
+        raise InvalidArgument(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+
+    def register(step: Callable) -> Callable:
+        table[name] = Method(statistic, step)
+        return step
+    return register
 
 
 def register_method(name: str, statistic: str | None) -> Callable[[PruneFn], PruneFn]:
     """Decorator: make the prune step it wraps the LLM method `name`, fed `statistic`."""
-    if statistic not in STATISTICS:
-        raise InvalidArgument(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    return _registrar(METHODS, name, statistic)
 
-    def register(prune: PruneFn) -> PruneFn:
-        METHODS[name] = Method(statistic, prune)
-        return prune
-    return register
+
+def register_refiner(name: str, statistic: str | None) -> Callable[[RefineFn], RefineFn]:
+    """Decorator: make the refinement it wraps `refine=name`, fed `statistic`, run after any method."""
+    return _registrar(REFINERS, name, statistic)
 
 
 @dataclass
 class LLMConfig:
     """How to prune: method, sparsity or N:M pattern, and the engine's options."""
 
-    method: str = "wanda"              # "magnitude" | "wanda" | "sparsegpt"
+    method: str = "wanda"              # a name in METHODS: magnitude, wanda, sparsegpt, ria, alps
     sparsity: float = 0.5              # ignored when `pattern` is given
     pattern: str | None = None         # "2:4", "4:8": keep N of every M along the input dim
     true_sequential: bool = False      # re-collect statistics after each group of a block (slower)
@@ -82,11 +99,19 @@ class LLMConfig:
     measure_error: bool = False        # report ||WX - W'X||^2 per layer (one more pass per block)
     device: str | None = None          # where each block is pruned, onloaded in turn; None: where it is
     offload_inputs: bool = False       # keep the calibration activations on the CPU, one batch at a time on device
+    refine: str | None = None          # a name in REFINERS ("dsnot"): swap pruned/kept weights after the method
+    permute: bool = False              # N:M only: permute input channels (and their producers) before pruning
 
     @property
     def nm(self) -> tuple[int, int] | None:
         """The pattern as (N, M), or None for unstructured."""
         return None if self.pattern is None else parse_pattern(self.pattern)
+
+    @property
+    def statistic(self) -> str | None:
+        """The richest statistic the method and the refinement need (None < norms < hessian)."""
+        wanted = {METHODS[self.method].statistic, REFINERS[self.refine].statistic if self.refine else None}
+        return next((s for s in reversed(STATISTICS) if s in wanted), None)
 
     @property
     def target(self) -> float:
@@ -158,6 +183,11 @@ def check_config(config: LLMConfig) -> None:
                               f"got {config.blocksize}")
     if not config.damp > 0:
         raise InvalidArgument(f"damp must be > 0 (a fraction of mean(diag H)), got {config.damp!r}")
+    if config.refine is not None and config.refine not in REFINERS:
+        raise InvalidArgument(f"refine must be None or one of {sorted(REFINERS)}, got {config.refine!r}")
+    if not isinstance(config.permute, bool) or (config.permute and nm is None):
+        raise InvalidArgument(f"permute must be a bool and needs an N:M pattern (e.g. pattern='2:4'), "
+                              f"got permute={config.permute!r}, pattern={config.pattern!r}")
     if config.compare not in _COMPARE:
         raise InvalidArgument(f"compare must be one of {_COMPARE}, got {config.compare!r}")
     if config.owl is not None and (nm or not config.owl >= 0):
@@ -388,7 +418,7 @@ def linear_groups(block: nn.Module, inputs: BlockInputs, linears: Mapping[str, n
 
 def new_stats(module: nn.Module, config: LLMConfig) -> LayerStats:
     """Empty statistics for `module`, with a Hessian when the method needs one."""
-    return LayerStats(weight_out_in(module).shape[1], with_hessian=METHODS[config.method].statistic == "hessian")
+    return LayerStats(weight_out_in(module).shape[1], with_hessian=config.statistic == "hessian")
 
 
 def collect_stats(block: nn.Module, inputs: BlockInputs, linears: Mapping[str, nn.Module],
@@ -409,6 +439,9 @@ def prune_linear(module: nn.Module, stats: LayerStats | None, config: LLMConfig,
     if stats is not None and stats.tokens == 0:
         stats = None
     pruned, note = METHODS[config.method].prune(dense, stats, config, name)
+    if config.refine is not None:
+        pruned, refined = REFINERS[config.refine].prune(dense, pruned, stats, config, name)
+        note = "; ".join(n for n in (note, refined) if n)
     with torch.no_grad():
         rows.copy_(pruned.to(rows.dtype))
     return dense, note
@@ -448,7 +481,7 @@ def _prune_group(linears: Mapping[str, nn.Module], stats: Mapping[str, LayerStat
 
 def needs_inputs(config: LLMConfig) -> bool:
     """Whether pruning a block with `config` runs it on its calibration inputs at all."""
-    return METHODS[config.method].statistic is not None or config.measure_error
+    return config.statistic is not None or config.measure_error
 
 
 def prune_block(block: nn.Module, inputs: BlockInputs | None, config: LLMConfig,
@@ -464,12 +497,14 @@ def prune_block(block: nn.Module, inputs: BlockInputs | None, config: LLMConfig,
     if not linears or config.target == 0:
         return []
     if not needs_inputs(config):
+        if config.permute:
+            permute_consumers(block, prefix, list(linears), {}, config.nm)
         return _prune_group(linears, {}, config, _Errors())
     if inputs is None:
         raise MissingData(f"method {config.method!r} (measure_error={config.measure_error}) needs the block's "
                           f"calibration inputs")
     groups = linear_groups(block, inputs, linears) if config.true_sequential else [list(linears)]
-    needs_stats = METHODS[config.method].statistic is not None
+    needs_stats = config.statistic is not None
     errors = _Errors()
     reports: dict[str, LayerReport] = {}
     # the empty last group: one more pass, to measure the last group's errors (only when measured)
@@ -483,6 +518,8 @@ def prune_block(block: nn.Module, inputs: BlockInputs | None, config: LLMConfig,
                             lambda n, x: stats[n].add(x) if n in stats else errors.add(n, x))
         errors.done()
         group_linears = {n: linears[n] for n in group}
+        if config.permute:
+            permute_consumers(block, prefix, group, stats, config.nm)
         reports.update((r.name, r) for r in _prune_group(group_linears, stats, config, errors))
     for name, total in errors.total.items():
         reports[name].error = total

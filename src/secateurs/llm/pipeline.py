@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ..api import resolve_sparsity
@@ -53,7 +54,7 @@ Stage = Callable[[str], None]
 class CheckpointOptions:
     """Everything `prune_checkpoint` does besides the folders; recorded in metrics.json as "config"."""
 
-    method: str | None = None          # wanda / magnitude / sparsegpt; structured: a criterion (default l2)
+    method: str | None = None          # wanda / magnitude / sparsegpt / ria / alps; structured: a criterion (default l2)
     sparsity: float | None = None      # fraction of each pruned linear's weights zeroed
     pattern: str | None = None         # "2:4", "4:8"
     calib_windows: int = 128           # N calibration windows ...
@@ -66,6 +67,8 @@ class CheckpointOptions:
     offload_inputs: bool = False       # unstructured: calibration activations stay on the CPU, a batch at a time
     true_sequential: bool = False      # unstructured: re-collect statistics after each group of a block
     measure_error: bool = False        # unstructured: report ||WX - W'X||^2 per layer (one more pass per block)
+    refine: str | None = None          # unstructured: "dsnot" swaps pruned/kept weights after the method
+    permute: bool = False              # unstructured N:M: permute input channels before pruning
     structured: bool = False           # remove heads / channels / layers instead of zeroing weights
     ratio: float | None = None         # structured: fraction of each head / channel group removed
     target: str | None = None          # structured: "macs=0.5" or "params=0.7"
@@ -117,7 +120,8 @@ def _refuse(options: CheckpointOptions, names: Sequence[str], why: str) -> None:
 
 
 _STRUCTURED_ONLY = ("ratio", "target", "units", "compensate", "drop_layers")
-_UNSTRUCTURED_ONLY = ("sparsity", "pattern", "owl", "device", "offload_inputs", "true_sequential", "measure_error")
+_UNSTRUCTURED_ONLY = ("sparsity", "pattern", "owl", "device", "offload_inputs", "true_sequential", "measure_error",
+                      "refine", "permute")
 
 
 def _check_unstructured(options: CheckpointOptions) -> None:
@@ -170,7 +174,7 @@ def llm_config(options: CheckpointOptions, sparsity: float | None = None) -> LLM
     return LLMConfig(method=options.method or DEFAULT_METHOD, sparsity=sparsity, pattern=options.pattern,
                      owl=options.owl, ignore=options.ignore, device=options.device,
                      offload_inputs=options.offload_inputs, true_sequential=options.true_sequential,
-                     measure_error=options.measure_error)
+                     measure_error=options.measure_error, refine=options.refine, permute=options.permute)
 
 
 def needs_calibration(options: CheckpointOptions) -> bool:
@@ -250,7 +254,7 @@ def load_model(source: Path) -> tuple[nn.Module, bool]:
         cls = _model_class(config)
         cls = cls if isinstance(cls, type) else transformers.AutoModel
         model = cls.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:   # a corrupt weights file too
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileProblem(f"cannot load a Hugging Face model from {str(source)!r}: {first}") from None
     return model.eval(), type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
 from torch import nn
 
 METRICS_FILE = "metrics.json"
@@ -106,5 +107,21 @@ def _loader(metrics: dict[str, Any]) -> str:
     return "plain transformers: `AutoModel...from_pretrained(out)`"
 
 
-__all__ = ["METRICS_FILE", "REPORT_FILE", "config_summary", "config_summary_of", "report_markdown",
+def metrics_table(metrics: dict[str, Any]) -> Table:
+    """Before / after of a `prune --hf` run: parameters, non-zeros, MACs and quality where measured."""
+    rows = {"params": metrics["params"], "nonzeros": metrics["nonzeros"], **(
+        {"macs": metrics["pruning"]["macs"]} if "macs" in metrics["pruning"] else {})}
+    if metrics["eval"]:
+        rows[metrics["eval"]["metric"]] = metrics["eval"]
+    table = Table(title=f"{metrics['model']['architecture']}: {metrics['mode']}, {metrics['config']['method']}")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="right" if column else "left")
+    for key, row in rows.items():
+        table.add_row(key, *(("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
+                             for v in (row["before"], row["after"])))
+    table.add_row("seconds", "", f"{metrics['seconds']['total']:.1f}")
+    return table
+
+
+__all__ = ["metrics_table", "METRICS_FILE", "REPORT_FILE", "config_summary", "config_summary_of", "report_markdown",
            "write_records"]

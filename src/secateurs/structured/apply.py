@@ -1,6 +1,7 @@
 """Carry out a chosen cut: rehearse it, cut the model, count what is left, record the plan."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..measure import (
 )
 from .cut import apply_cut
 from .plan import GroupPlan, StructuredPlan
-from .rehearse import rehearse
+from .rehearse import Rehearsal, Verdict, describe_frozen, refusal
 from .units import Scored, cut_mask, keeps_of, removed_ids
 
 
@@ -28,19 +29,34 @@ def output_shapes(graph) -> list[tuple[int, ...]]:
 
 
 def cut_model(model: nn.Module, example_inputs: Any, scored: Scored, chosen: dict[int, list[int]],
-         method: str, ratio: float | dict[str, float], check: bool = True) -> StructuredPlan:
+         method: str, ratio: float | dict[str, float], check: bool = True,
+         verdict: Verdict | None = None) -> StructuredPlan:
     """Remove the chosen units from `model`, check its output shapes, and return the plan.
 
-    With `check`, the cut is first rehearsed on a copy without data (`rehearse`): a
-    model the cut would break is refused before it is touched.
+    With `check`, the cut is first rehearsed on a copy without data (`Rehearsal.settle`,
+    or the `verdict` it already gave): width attributes the cut needs are found, and a
+    group the cut would break is frozen (kept whole, recorded in `plan.frozen`, warned
+    about) while the rest is cut. Nothing to cut but broken groups is refused.
     """
+    if check and verdict is None and any(chosen.values()):
+        verdict = Rehearsal(model, example_inputs, scored).settle(chosen)
+    if verdict is not None:
+        if verdict.frozen and not verdict.chosen:
+            raise refusal(verdict.frozen)
+        if verdict.frozen:
+            warnings.warn("secateurs: some groups were kept whole because cutting them would break the model:\n"
+                          + describe_frozen(verdict.frozen), stacklevel=3)
+        chosen = {gi: p for gi, p in chosen.items() if gi in verdict.chosen}
     by_index = {g.index: g for g in scored.groups}
     keeps = keeps_of(scored.analysis, by_index, chosen)
     heads = [(by_index[gi], len(p)) for gi, p in chosen.items() if p and by_index[gi].kind == "head"]
     shapes = output_shapes(scored.graph)
-    if check and keeps:
-        rehearse(model, example_inputs, keeps, heads, shapes, fake=scored.graph.fake)
     attributes = apply_cut(model, keeps, heads)
+    for module_name, changes in (verdict.attributes if verdict is not None else {}).items():
+        owner = model.get_submodule(module_name) if module_name else model
+        for name, value in changes.items():
+            setattr(owner, name, value)
+            attributes.setdefault(module_name, {})[name] = value
     if check and scored.graph.fake and graph_macs(scored.graph) is not None:
         # the rehearsal checked the output shapes; the graph gives the MACs of the cut widths
         macs = estimated_cost(scored, "macs", chosen)
@@ -55,11 +71,29 @@ def cut_model(model: nn.Module, example_inputs: Any, scored: Scored, chosen: dic
     plan = StructuredPlan(method, dict(ratio) if isinstance(ratio, dict) else float(ratio),
                           params_before=scored.params, macs_before=scored.macs,
                           keeps={f"{n}:{d}": k.tolist() for (n, d), k in keeps.items()}, attributes=attributes)
+    plan.frozen = list(verdict.frozen) if verdict is not None else []
     plan.groups = [GroupPlan(g.index, g.kind, [f"{n}:{d}" for n, d in g.members], g.size,
                              sorted(chosen.get(g.index, []))) for g in scored.groups]
     plan.params_after = total_parameters(model)
     plan.macs_after = macs
     return plan
+
+
+def zero_removed(model: nn.Module, keeps: dict[str, list[int]]) -> nn.Module:
+    """Set to 0, in place, every slice of `model` that a plan's `keeps` ("param:dim" -> kept) remove.
+
+    The dense model so zeroed computes what the cut model computes, wherever no
+    normalisation runs over the cut channels: the check that a cut is the cut it claims.
+    """
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, kept in keeps.items():
+            name, _, dim = key.rpartition(":")
+            tensor = parameters[name]
+            removed = torch.ones(tensor.shape[int(dim)], dtype=torch.bool)
+            removed[torch.as_tensor(kept, dtype=torch.long)] = False
+            tensor.index_fill_(int(dim), torch.nonzero(removed).flatten().to(tensor.device), 0.0)
+    return model
 
 
 def cut_shapes(analysis: Analysis, removed: np.ndarray | Sequence[int]) -> dict[int, tuple[int, ...]]:
@@ -86,4 +120,5 @@ GRAPH_COSTS: dict[str, Callable[[Graph, dict[int, tuple[int, ...]]], int | None]
 }
 
 
-__all__ = ["GRAPH_COSTS", "chosen_shapes", "cut_model", "cut_shapes", "estimated_cost", "output_shapes"]
+__all__ = ["GRAPH_COSTS", "chosen_shapes", "cut_model", "cut_shapes", "estimated_cost", "output_shapes",
+           "zero_removed"]

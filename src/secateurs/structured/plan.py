@@ -44,6 +44,7 @@ class StructuredPlan(PlanRecord):
     compensated: list[str] = field(default_factory=list)   # linear layers whose bias absorbed removed inputs
     added_biases: list[str] = field(default_factory=list)  # of those, the ones that had no bias before
     budget: dict[str, Any] = field(default_factory=dict)   # a target search: the target, predicted and measured cost
+    frozen: list[dict[str, Any]] = field(default_factory=list)  # groups kept whole: the cut would break the model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,9 +80,13 @@ def replay(model: nn.Module, plan: StructuredPlan | dict[str, Any]) -> nn.Module
 
     A plan.json of several cuts ("steps", as `io.save` writes a list) is replayed in order.
     Raises WeightsMismatch when the plan was made on a model of another size (one of
-    several cuts saved alone).
+    several cuts saved alone), InvalidArgument when the plan is malformed or does not fit
+    this model (checked before anything is cut, see `plan_schema`).
     """
+    from ..plan_schema import check_attributes, check_keeps, check_modules, parse_plan
+
     record = plan.to_dict() if isinstance(plan, StructuredPlan) else plan
+    parse_plan(record)
     if "steps" in record:
         for step in record["steps"]:
             if step.get("keeps"):
@@ -91,6 +96,9 @@ def replay(model: nn.Module, plan: StructuredPlan | dict[str, Any]) -> nn.Module
     if before and record.get("keeps") and before != params:
         raise WeightsMismatch(f"the plan cuts a model of {before:,} parameters but this one has {params:,}: was it "
                               "pruned more than once? save every plan, in order: save(model, dir, [first, second])")
+    check_keeps(model, record.get("keeps", {}))
+    check_attributes(model, record.get("attributes", {}))
+    check_modules(model, record.get("added_biases", []), "added_biases")
     keeps = {}
     for key, kept in record.get("keeps", {}).items():
         name, _, dim = key.rpartition(":")
