@@ -474,8 +474,9 @@ def test_print_analyze_is_a_short_summary():
 
     text = str(sc.analyze(DigitsCNN(), torch.randn(1, 1, 8, 8)))
     lines = text.splitlines()
-    assert lines[0] == "11 groups of coupled units in 29 ops; 4 can be cut (288 units):"
+    assert lines[0] == "5 groups of coupled channels in 29 ops; 4 can be cut (288 units):"
     assert lines[1].split()[:4] == ["group", "0", "32", "channels"] and "features.0.weight[0]" in lines[1]
-    assert lines[-1] == "blocked: 6 by kernel dim, 1 by model input or output"
-    assert len(lines) == 6 and "Graph(" not in text
+    assert lines[-2:] == ["blocked: 1 by model input or output",
+                          "(6 kernel / table-row axes left out: they are not channels)"]
+    assert len(lines) == 7 and "Graph(" not in text
     assert repr(sc.analyze(DigitsCNN(), torch.randn(1, 1, 8, 8))) == "<Analysis: 29 ops, 11 groups, 4 prunable>"

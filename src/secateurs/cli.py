@@ -224,8 +224,10 @@ def _add_hf_options(p: argparse.ArgumentParser) -> None:
                     help="re-collect statistics after each group of a block's linears (slower)")
     hf.add_argument("--measure-error", action="store_true",
                     help="report each linear's reconstruction error ||WX - W'X||^2 (one more pass per block)")
-    hf.add_argument("--refine", default=None, metavar="NAME", help="dsnot: then swap weights to lower each row's error")
-    hf.add_argument("--permute", action="store_true", help="with --pattern: permute input channels before N:M")
+    hf.add_argument("--refine", default=None, metavar="NAME",
+                    help="dsnot: after --method, swap pruned and kept weights to lower each row's error")
+    hf.add_argument("--permute", action="store_true",
+                    help="with --pattern: permute input channels (and their producers) before N:M pruning")
     hf.add_argument("--compensate", action="store_true", help="structured: fold removed inputs' means into biases")
     hf.add_argument("--drop-layers", type=int, default=None, metavar="K", help="structured: drop K whole layers")
 

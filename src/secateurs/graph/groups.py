@@ -68,23 +68,27 @@ class Analysis:
         return f"<Analysis: {len(self.graph.ops)} ops, {len(self.groups)} groups, {prunable} prunable>"
 
     def __str__(self) -> str:
-        """A short summary: one line per prunable group (the first SHOWN), the blocked ones counted by reason."""
-        prunable = [g for g in self.groups if g.prunable_units]
+        """A short summary: one line per prunable group (the first SHOWN), the blocked ones counted by reason;
+        kernel and table-row axes (`is_channel_axis`) are counted, not listed."""
+        channels = [g for g in self.groups if is_channel_axis(g)]
+        prunable = [g for g in channels if g.prunable_units]
         units = sum(len(g.prunable_units) for g in prunable)
-        lines = [f"{len(self.groups)} groups of coupled units in {len(self.graph.ops)} ops; "
+        lines = [f"{len(channels)} groups of coupled channels in {len(self.graph.ops)} ops; "
                  f"{len(prunable)} can be cut ({units} units):"]
         width = max((len(str(g.size)) for g in prunable), default=1)
         for g in prunable[:self.SHOWN]:
             partly = "" if len(g.prunable_units) == g.size else f" ({len(g.prunable_units)} prunable)"
             lines.append(f"  group {g.index:<3} {g.size:>{width}} {g.kind}s{partly}  {g.members_text(3)}")
         if len(prunable) > self.SHOWN:
-            lines.append(f"  ... {len(prunable) - self.SHOWN} more (see .groups)")
+            lines.append(f"  ... {len(prunable) - self.SHOWN} more (see .groups, or table(analysis))")
         reasons: dict[str, int] = {}
-        for g in self.groups:
+        for g in channels:
             if not g.prunable_units:
                 reasons[g.reason or "blocked"] = reasons.get(g.reason or "blocked", 0) + 1
         if reasons:
             lines.append("blocked: " + ", ".join(f"{n} by {reason}" for reason, n in reasons.items()))
+        if len(channels) < len(self.groups):
+            lines.append(f"({len(self.groups) - len(channels)} kernel / table-row axes left out: they are not channels)")
         if self.unknown_ops:
             lines.append(f"ops without a rule (their channels are left intact): {', '.join(sorted(set(self.unknown_ops)))}")
         return "\n".join(lines)
