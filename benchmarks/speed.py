@@ -73,7 +73,7 @@ def cases(quick: bool) -> list[Case]:
     return [
         Case("resnet18-128px", lambda: resnet18(num_classes=1000, width=64), (3, 128, 128), "head.fc", True),
         Case("resnet50-128px", lambda: resnet_bottleneck(num_classes=1000), (3, 128, 128), "head.fc", True),
-        Case("mobilenet_v2-224px", lambda: mobilenet_v2(num_classes=1000), (3, 224, 224), "head.1", True),
+        Case("mobilenet_v2-224px", lambda: mobilenet_v2(num_classes=1000), (3, 224, 224), "head.fc", True),
         Case("vit-b16-224px", lambda: vit(dim=768, heads=12, depth=12), (3, 224, 224), "head", False),
     ]
 
